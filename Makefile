@@ -1,0 +1,36 @@
+# The README's two commands: `make run` and `make test`. Everything else is a helper.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+TF_EXTRA ?= cpu
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed-$(TF_EXTRA)
+export PATH := $(BIN):$(PATH)
+export GX_ANALYTICS_ENABLED := False
+
+.PHONY: run test install lint typecheck clean
+
+run: $(STAMP) ## create the venv if missing, install, run the pipeline on params.yaml
+	dvc repro
+	@echo "reports: reports/validation.json, reports/split.json, reports/data_docs/index.html"
+
+test: $(STAMP) ## run the test suite
+	python -m pytest
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[$(TF_EXTRA),dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+lint: $(STAMP)
+	ruff check pipeline flows tests bench
+	ruff format --check pipeline flows tests bench
+
+typecheck: $(STAMP)
+	mypy
+
+clean: ## remove pipeline outputs (not the raw source, not the venv)
+	rm -rf data reports models

@@ -1,0 +1,57 @@
+"""`python -m pipeline <stage>`: a thin shell over each stage's `run(cfg, paths)`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipeline.config import PipelineConfig, StagePaths, load_config
+from pipeline.errors import PipelineError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Run one pipeline stage, as dvc.yaml and the Prefect flow do.")
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="params file; its folder is the project root")]
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _run_stage(params: Path, stage: Callable[[PipelineConfig, StagePaths], Any]) -> Any:
+    _configure_logging()
+    try:
+        cfg = load_config(params)
+        return stage(cfg, StagePaths.from_config(cfg.paths, params.resolve().parent))
+    except PipelineError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(error.exit_code) from None
+
+
+@app.command()
+def ingest(params: ParamsOption = Path("params.yaml")) -> None:
+    """Bring images from the configured source into the raw folder and write the manifest."""
+    from pipeline import ingest as stage
+
+    _run_stage(params, lambda cfg, paths: stage.run(cfg.ingest, paths))
+
+
+@app.command()
+def validate(params: ParamsOption = Path("params.yaml")) -> None:
+    """Run the data checks; quarantine bad files; exit non-zero on a blocking failure."""
+    from pipeline import validate as stage
+
+    _run_stage(params, lambda cfg, paths: stage.run(cfg.validate_, paths))
+
+
+@app.command()
+def split(params: ParamsOption = Path("params.yaml")) -> None:
+    """Write the stratified train/val/test splits."""
+    from pipeline import split as stage
+
+    _run_stage(params, lambda cfg, paths: stage.run(cfg.split, paths))

@@ -1,0 +1,247 @@
+"""The typed configuration: params.yaml parsed once, validated, passed down.
+
+Every section forbids unknown keys, so a typo fails at start with the key's
+path instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys and mutation are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(Section):
+    """Where stages read and write, relative to the project root."""
+
+    raw: Path = Path("data/raw")
+    manifest: Path = Path("data/manifest.csv")
+    quarantine: Path = Path("data/quarantine.csv")
+    splits: Path = Path("data/splits")
+    reports: Path = Path("reports")
+
+
+class EmbeddedSource(Section):
+    """scikit-learn's bundled 8x8 digits, written out as PNG files."""
+
+    scale: int = Field(1, ge=1, le=32)
+
+
+class FolderSource(Section):
+    """A class-per-folder tree: <path>/<class>/<image>."""
+
+    path: Path | None = None
+
+
+class TfdsSource(Section):
+    """A TensorFlow Datasets image-classification dataset."""
+
+    name: str = "tf_flowers"
+    split: str = "train"
+    data_dir: Path = Path("data/tfds")
+    download: bool = False
+
+
+class IngestConfig(Section):
+    """Which source to ingest and how."""
+
+    source: Literal["embedded", "folder", "tfds"] = "embedded"
+    max_pixels: int = Field(40_000_000, gt=0)
+    embedded: EmbeddedSource = EmbeddedSource()
+    folder: FolderSource = FolderSource()
+    tfds: TfdsSource = TfdsSource()
+
+    @model_validator(mode="after")
+    def _folder_needs_path(self) -> IngestConfig:
+        if self.source == "folder" and self.folder.path is None:
+            raise ValueError("ingest.folder.path is required when ingest.source is 'folder'")
+        return self
+
+
+class ValidateConfig(Section):
+    """Thresholds of the data checks."""
+
+    expected_classes: list[str] = []
+    min_classes: int = Field(2, ge=1)
+    min_images_per_class: int = Field(10, ge=1)
+    max_imbalance_ratio: float = Field(10.0, ge=1.0)
+    max_bad_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    min_side: int = Field(8, ge=1)
+    max_side: int = Field(8192, ge=1)
+    allowed_formats: list[str] = ["PNG", "JPEG", "BMP", "GIF", "WEBP"]
+    allowed_modes: list[str] = ["L", "P", "RGB", "RGBA", "CMYK", "I;16"]
+
+    @model_validator(mode="after")
+    def _sides_ordered(self) -> ValidateConfig:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) must not exceed max_side ({self.max_side})")
+        return self
+
+
+class SplitRatios(Section):
+    """Fractions of the accepted images per split; they sum to 1."""
+
+    train: float = Field(0.7, gt=0.0, lt=1.0)
+    val: float = Field(0.2, ge=0.0, lt=1.0)
+    test: float = Field(0.1, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitRatios:
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        return self
+
+
+class SplitConfig(Section):
+    """How the accepted images are divided."""
+
+    ratios: SplitRatios = SplitRatios()
+    seed: int = 42
+    group_near_duplicates: bool = True
+
+
+class PipelineConfig(Section):
+    """The whole of params.yaml."""
+
+    paths: PathsConfig = PathsConfig()
+    ingest: IngestConfig = IngestConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    split: SplitConfig = SplitConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    """Absolute locations of every stage input and output under one root."""
+
+    root: Path
+    raw: Path
+    manifest: Path
+    quarantine: Path
+    splits: Path
+    reports: Path
+
+    @classmethod
+    def from_config(cls, paths: PathsConfig, root: Path) -> StagePaths:
+        """Resolve the configured relative paths against the project root."""
+        root = root.resolve()
+        return cls(
+            root=root,
+            raw=root / paths.raw,
+            manifest=root / paths.manifest,
+            quarantine=root / paths.quarantine,
+            splits=root / paths.splits,
+            reports=root / paths.reports,
+        )
+
+    @property
+    def validation_report(self) -> Path:
+        return self.reports / "validation.json"
+
+    @property
+    def data_docs(self) -> Path:
+        return self.reports / "data_docs"
+
+    @property
+    def split_report(self) -> Path:
+        return self.reports / "split.json"
+
+    def split_file(self, name: str) -> Path:
+        """The CSV of one split: train, val or test."""
+        return self.splits / f"{name}.csv"
+
+    def relative(self, path: Path) -> str:
+        """A path as written in manifests: relative to the root, POSIX separators."""
+        return path.relative_to(self.root).as_posix()
+
+
+def _format_errors(source: Path, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join("validate" if part == "validate_" else str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key; remove it or check its spelling against params.yaml"
+        elif "input" in item and item["type"] not in {"missing", "value_error"}:
+            message = f"{message} (got {item['input']!r})"
+        lines.append(f"{source}: {key or '<root>'}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: Any, source: Path = DEFAULT_PARAMS) -> PipelineConfig:
+    """Validate an already-loaded params mapping.
+
+    Args:
+        raw: the mapping read from YAML.
+        source: the file it came from, named in error messages.
+
+    Returns:
+        The validated, immutable configuration.
+
+    Raises:
+        ConfigError: naming each wrong key's dotted path and what was expected.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(source, error)) from None
+
+
+def check_sources_exist(cfg: PipelineConfig, root: Path, source: Path = DEFAULT_PARAMS) -> None:
+    """Fail early when the configured image source folder is missing.
+
+    Raises:
+        ConfigError: when ingest.folder.path does not name a directory.
+    """
+    if cfg.ingest.source == "folder" and cfg.ingest.folder.path is not None:
+        folder = cfg.ingest.folder.path
+        folder = folder if folder.is_absolute() else root / folder
+        if not folder.is_dir():
+            raise ConfigError(
+                f"{source}: ingest.folder.path: directory {folder} does not exist; "
+                "point it at a class-per-folder tree of images"
+            )
+
+
+def load_config(path: Path = DEFAULT_PARAMS, root: Path | None = None) -> PipelineConfig:
+    """Read, parse and check params.yaml.
+
+    Args:
+        path: the params file.
+        root: the project root that relative paths refer to (default: the file's folder).
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: when the file is missing, is not YAML, or fails validation.
+    """
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found; run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    cfg = parse_config(raw, path)
+    check_sources_exist(cfg, root if root is not None else path.resolve().parent, path)
+    return cfg

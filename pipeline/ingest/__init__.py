@@ -1,0 +1,101 @@
+"""ingest: bring images from the configured source into <raw>/<class>/<file> and describe each in the manifest."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline.config import IngestConfig, StagePaths
+from pipeline.errors import ConfigError
+from pipeline.ingest.images import inspect_image
+from pipeline.ingest.sources import SourceFile, class_folder_tree, embedded_digits, tfds_dataset
+from pipeline.manifest import ManifestRow, write_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What ingest wrote."""
+
+    files: int
+    decodable: int
+    classes: dict[str, int]
+    manifest: Path
+
+
+def open_source(cfg: IngestConfig, paths: StagePaths) -> tuple[int, Iterator[SourceFile]]:
+    """The configured source as (count, files).
+
+    Raises:
+        ConfigError: when a folder source lies inside the ingest output folder.
+    """
+    if cfg.source == "embedded":
+        return embedded_digits(cfg.embedded)
+    if cfg.source == "tfds":
+        data_dir = cfg.tfds.data_dir
+        return tfds_dataset(cfg.tfds, data_dir if data_dir.is_absolute() else paths.root / data_dir)
+    assert cfg.folder.path is not None  # guaranteed by IngestConfig
+    folder = cfg.folder.path if cfg.folder.path.is_absolute() else paths.root / cfg.folder.path
+    folder = folder.resolve()
+    if folder == paths.raw or paths.raw in folder.parents:
+        raise ConfigError(
+            f"ingest.folder.path: {folder} is inside paths.raw ({paths.raw}), which ingest rewrites; "
+            "keep your originals outside it"
+        )
+    return class_folder_tree(folder)
+
+
+def ingest_files(files: Iterator[SourceFile], total: int, staging: Path, paths: StagePaths,
+                 max_pixels: int) -> list[ManifestRow]:
+    """Write each file under `staging` and describe it as it will be named under `paths.raw`."""
+    rows = []
+    for item in tqdm(files, total=total, desc="ingest", unit="file", mininterval=1.0):
+        relative = Path(item.label) / item.name
+        target = staging / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(item.data)
+        rows.append(inspect_image(item.data, paths.relative(paths.raw / relative), item.label, max_pixels))
+    return rows
+
+
+def run(cfg: IngestConfig, paths: StagePaths) -> IngestResult:
+    """Ingest the configured source.
+
+    The new tree is assembled in a staging folder and swapped in whole, so a
+    failed ingest never leaves a half-written `raw` folder. The source itself
+    (your folder, the TFDS data dir) is only read.
+
+    Args:
+        cfg: the `ingest` section.
+        paths: resolved stage paths.
+
+    Returns:
+        Counts of what was ingested.
+    """
+    total, files = open_source(cfg, paths)
+    paths.raw.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".ingest-", dir=paths.raw.parent))
+    try:
+        rows = ingest_files(files, total, staging, paths, cfg.max_pixels)
+        if paths.raw.exists():
+            shutil.rmtree(paths.raw)
+        staging.rename(paths.raw)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    write_manifest(rows, paths.manifest)
+    bad = [row for row in rows if not row.decodable]
+    for row in bad:
+        log.warning("%s: %s", row.path, row.error)
+    classes = dict(sorted(Counter(row.label for row in rows).items()))
+    log.info("ingested %d files in %d classes (%d not decodable) -> %s",
+             len(rows), len(classes), len(bad), paths.relative(paths.manifest))
+    return IngestResult(files=len(rows), decodable=len(rows) - len(bad), classes=classes,
+                        manifest=paths.manifest)

@@ -1,0 +1,78 @@
+"""Shared fixtures: small real image trees and configs rooted in a temporary folder."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.config import PipelineConfig, StagePaths, parse_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def digit_images(per_class: int, classes: int = 3, scale: int = 4) -> dict[str, list[np.ndarray]]:
+    """Distinct real digits from scikit-learn, upscaled, grouped by class name."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    tree: dict[str, list[np.ndarray]] = {}
+    for pixels, target in zip(images, digits.target, strict=True):
+        if target < classes and len(tree.setdefault(str(target), [])) < per_class:
+            tree[str(target)].append(pixels)
+    return tree
+
+
+def write_tree(root: Path, tree: dict[str, list[np.ndarray]], suffix: str = ".png") -> Path:
+    """Write {class: [pixels]} as <root>/<class>/img_<i><suffix>."""
+    for label, images in tree.items():
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for index, pixels in enumerate(images):
+            Image.fromarray(pixels).save(root / label / f"img_{index:03d}{suffix}")
+    return root
+
+
+def tree_digest(root: Path) -> str:
+    """One hash over every file's relative path and bytes."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., tuple[PipelineConfig, StagePaths]]:
+    """Build (cfg, paths) rooted at tmp_path from the repo's params.yaml plus overrides.
+
+    Overrides are nested dicts merged into params, e.g. {"split": {"seed": 7}}.
+    """
+    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+    def merge(into: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        for key, value in extra.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+        return into
+
+    def build(overrides: dict[str, Any] | None = None) -> tuple[PipelineConfig, StagePaths]:
+        cfg = parse_config(merge(yaml.safe_load(yaml.safe_dump(base)), overrides or {}))
+        return cfg, StagePaths.from_config(cfg.paths, tmp_path)
+
+    return build
+
+
+@pytest.fixture
+def small_tree(tmp_path: Path) -> Path:
+    """Three classes of 20 distinct 32x32 digit PNGs, outside the project's raw folder."""
+    return write_tree(tmp_path / "source", digit_images(per_class=20))

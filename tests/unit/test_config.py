@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_config, parse_config
+from pipeline.errors import ConfigError
+from tests.conftest import REPO_ROOT
+
+
+def params() -> dict:
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+
+def test_repository_params_load_with_defaults():
+    cfg = load_config(REPO_ROOT / "params.yaml")
+    assert cfg.ingest.source == "embedded"
+    assert (cfg.split.ratios.train, cfg.split.ratios.val, cfg.split.ratios.test) == (0.7, 0.2, 0.1)
+    assert cfg.validate_.min_images_per_class >= 1
+
+
+def test_unknown_key_names_its_path():
+    raw = params()
+    raw["split"]["sed"] = 3
+    with pytest.raises(ConfigError, match=r"split\.sed: unknown key"):
+        parse_config(raw)
+
+
+def test_unknown_section_names_its_path():
+    raw = params()
+    raw["trian"] = {}
+    with pytest.raises(ConfigError, match=r"trian: unknown key"):
+        parse_config(raw)
+
+
+def test_wrong_type_names_key_and_value():
+    raw = params()
+    raw["validate"]["min_images_per_class"] = "many"
+    with pytest.raises(ConfigError, match=r"validate\.min_images_per_class: .*integer.*'many'"):
+        parse_config(raw)
+
+
+def test_ratios_must_sum_to_one():
+    raw = params()
+    raw["split"]["ratios"] = {"train": 0.7, "val": 0.2, "test": 0.2}
+    with pytest.raises(ConfigError, match=r"split\.ratios: train \+ val \+ test must sum to 1, got 1\.1"):
+        parse_config(raw)
+
+
+def test_unknown_source_lists_choices():
+    raw = params()
+    raw["ingest"]["source"] = "ftp"
+    with pytest.raises(ConfigError, match=r"ingest\.source: .*'embedded', 'folder' or 'tfds'"):
+        parse_config(raw)
+
+
+def test_folder_source_needs_a_path():
+    raw = params()
+    raw["ingest"]["source"] = "folder"
+    with pytest.raises(ConfigError, match=r"ingest\.folder\.path is required"):
+        parse_config(raw)
+
+
+def test_missing_source_folder_fails_at_load(tmp_path: Path):
+    raw = params()
+    raw["ingest"]["source"] = "folder"
+    raw["ingest"]["folder"]["path"] = "no/such/images"
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"ingest\.folder\.path: directory .*no/such/images does not exist"):
+        load_config(params_file)
+
+
+def test_missing_params_file(tmp_path: Path):
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_config(tmp_path / "params.yaml")
+
+
+def test_config_is_immutable():
+    cfg = load_config(REPO_ROOT / "params.yaml")
+    with pytest.raises(Exception):
+        cfg.split.seed = 1  # type: ignore[misc]
