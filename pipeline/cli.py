@@ -21,6 +21,8 @@ ParamsOption = Annotated[Path, typer.Option("--params", help="params file; its f
 
 def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for chatty in ("great_expectations", "absl", "tensorflow"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def _run_stage(params: Path, stage: Callable[[PipelineConfig, StagePaths], Any]) -> Any:

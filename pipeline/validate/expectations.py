@@ -85,6 +85,9 @@ def _as_check(suite: str, validation: Any) -> Check:
 
 
 def _data_docs_site(context: Any, folder: Path) -> None:
+    # The ephemeral context's default site is a temp folder that is never cleaned up.
+    for site in context.get_site_names():
+        context.delete_data_docs_site(site)
     if folder.exists():
         shutil.rmtree(folder)
     context.add_data_docs_site(

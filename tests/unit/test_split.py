@@ -55,3 +55,20 @@ def test_class_too_small_to_stratify_is_named():
     data["group"] = duplicate_groups(data, True)
     with pytest.raises(SplitError, match=r"class\(es\) 'z' \(2\)"):
         assign_splits(data.reset_index(drop=True), SplitConfig())
+
+
+def test_split_files_are_byte_identical_across_runs(make_config, small_tree):
+    from pipeline import ingest, split
+    from pipeline.validate.quarantine import QUARANTINE_COLUMNS
+
+    cfg, paths = make_config({"ingest": {"source": "folder", "folder": {"path": str(small_tree)}}})
+    ingest.run(cfg.ingest, paths)
+    pd.DataFrame(columns=QUARANTINE_COLUMNS).to_csv(paths.quarantine, index=False)
+    split.run(cfg.split, paths)
+    first = {n: paths.split_file(n).read_bytes() for n in ("train", "val", "test")}
+    report = paths.split_report.read_bytes()
+    split.run(cfg.split, paths)
+    assert {n: paths.split_file(n).read_bytes() for n in ("train", "val", "test")} == first
+    assert paths.split_report.read_bytes() == report
+    rows = sum(len(b.splitlines()) - 1 for b in first.values())
+    assert rows == 60
