@@ -13,8 +13,11 @@ import typer
 from pipeline.config import PipelineConfig, StagePaths, load_config
 from pipeline.errors import PipelineError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Run one pipeline stage, as dvc.yaml and the Prefect flow do.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Run one pipeline stage, as dvc.yaml and the Prefect flow do.",
+)
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="params file; its folder is the project root")]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+
 @dataclass(frozen=True)
 class ManifestRow:
     """What ingest learned about one file; `error` is '<reason>: <detail>' or empty."""
@@ -47,8 +48,15 @@ def read_manifest(path: Path) -> pd.DataFrame:
     """Read a manifest with its column types (labels and hashes stay strings)."""
     frame = pd.read_csv(
         path,
-        dtype={"path": str, "label": str, "sha256": str, "phash": str, "mode": str,
-               "format": str, "error": str},
+        dtype={
+            "path": str,
+            "label": str,
+            "sha256": str,
+            "phash": str,
+            "mode": str,
+            "format": str,
+            "error": str,
+        },
         keep_default_na=False,
         encoding="utf-8",
     )

@@ -57,8 +57,9 @@ def duplicate_groups(frame: pd.DataFrame, near_duplicates: bool) -> list[int]:
 
 def group_labels(frame: pd.DataFrame) -> pd.Series:
     """The label each group is stratified by: its most common label, ties broken by name."""
-    return frame.groupby("group")["label"].agg(lambda s: sorted(s.value_counts().items(),
-                                                                key=lambda kv: (-kv[1], kv[0]))[0][0])
+    return frame.groupby("group")["label"].agg(
+        lambda s: sorted(s.value_counts().items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+    )
 
 
 def check_stratifiable(labels: pd.Series, cfg: SplitConfig) -> None:
@@ -90,13 +91,13 @@ def assign_splits(frame: pd.DataFrame, cfg: SplitConfig) -> pd.Series:
     # Absolute counts: fractions like 0.2 / 0.9 round up past the intended size.
     n_test, n_val = round(ratios.test * len(labels)), round(ratios.val * len(labels))
     try:
-        rest, test = train_test_split(labels.index, test_size=n_test, stratify=labels,
-                                      random_state=cfg.seed)
+        rest, test = train_test_split(labels.index, test_size=n_test, stratify=labels, random_state=cfg.seed)
         val: list[int] = []
         train = rest
         if n_val > 0:
-            train, val = train_test_split(rest, test_size=n_val, stratify=labels.loc[rest],
-                                          random_state=cfg.seed)
+            train, val = train_test_split(
+                rest, test_size=n_val, stratify=labels.loc[rest], random_state=cfg.seed
+            )
     except ValueError as error:
         raise SplitError(f"cannot split with split.ratios {ratios.model_dump()}: {error}") from None
     side = {**dict.fromkeys(train, "train"), **dict.fromkeys(val, "val"), **dict.fromkeys(test, "test")}
@@ -106,8 +107,13 @@ def assign_splits(frame: pd.DataFrame, cfg: SplitConfig) -> pd.Series:
 def build_report(frame: pd.DataFrame, cfg: SplitConfig) -> dict:
     """Counts per class per split, and how many images were held together as duplicates."""
     sizes = frame.groupby("group").size()
-    counts = {name: {label: int(n) for label, n in frame[frame["split"] == name]["label"]
-                     .value_counts().sort_index().items()} for name in SPLITS}
+    counts = {
+        name: {
+            label: int(n)
+            for label, n in frame[frame["split"] == name]["label"].value_counts().sort_index().items()
+        }
+        for name in SPLITS
+    }
     totals = {name: sum(counts[name].values()) for name in SPLITS}
     return {
         "seed": cfg.seed,

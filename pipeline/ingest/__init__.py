@@ -1,4 +1,4 @@
-"""ingest: bring images from the configured source into <raw>/<class>/<file> and describe each in the manifest."""
+"""ingest: bring the configured source into <raw>/<class>/<file>; describe each in the manifest."""
 
 from __future__ import annotations
 
@@ -53,8 +53,9 @@ def open_source(cfg: IngestConfig, paths: StagePaths) -> tuple[int, Iterator[Sou
     return class_folder_tree(folder)
 
 
-def ingest_files(files: Iterator[SourceFile], total: int, staging: Path, paths: StagePaths,
-                 max_pixels: int) -> list[ManifestRow]:
+def ingest_files(
+    files: Iterator[SourceFile], total: int, staging: Path, paths: StagePaths, max_pixels: int
+) -> list[ManifestRow]:
     """Write each file under `staging` and describe it as it will be named under `paths.raw`."""
     rows = []
     for item in tqdm(files, total=total, desc="ingest", unit="file", mininterval=1.0):
@@ -95,7 +96,13 @@ def run(cfg: IngestConfig, paths: StagePaths) -> IngestResult:
     for row in bad:
         log.warning("%s: %s", row.path, row.error)
     classes = dict(sorted(Counter(row.label for row in rows).items()))
-    log.info("ingested %d files in %d classes (%d not decodable) -> %s",
-             len(rows), len(classes), len(bad), paths.relative(paths.manifest))
-    return IngestResult(files=len(rows), decodable=len(rows) - len(bad), classes=classes,
-                        manifest=paths.manifest)
+    log.info(
+        "ingested %d files in %d classes (%d not decodable) -> %s",
+        len(rows),
+        len(classes),
+        len(bad),
+        paths.relative(paths.manifest),
+    )
+    return IngestResult(
+        files=len(rows), decodable=len(rows) - len(bad), classes=classes, manifest=paths.manifest
+    )

@@ -27,7 +27,7 @@ class SourceFile:
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
-    """PNG bytes of a uint8 array (H, W) or (H, W, C); Pillow writes no timestamp, so this is deterministic."""
+    """PNG bytes of a uint8 array (H, W) or (H, W, C); deterministic, as Pillow writes no timestamp."""
     if pixels.ndim == 3 and pixels.shape[-1] == 1:
         pixels = pixels[..., 0]
     buffer = io.BytesIO()

@@ -45,8 +45,9 @@ def failure_message(check: Check) -> str:
     return f"{check.name} failed: observed {check.observed}, expected {check.expected}"
 
 
-def build_report(manifest: pd.DataFrame, quarantine: pd.DataFrame, accepted: pd.DataFrame,
-                 checks: list[Check]) -> dict:
+def build_report(
+    manifest: pd.DataFrame, quarantine: pd.DataFrame, accepted: pd.DataFrame, checks: list[Check]
+) -> dict:
     """The JSON document written to reports/validation.json (its `summary` is the DVC metric)."""
     failures = [c for c in checks if not c.passed]
     return {
@@ -111,6 +112,10 @@ def run(cfg: ValidateConfig, paths: StagePaths) -> ValidationResult:
             f"data validation failed ({len(result.blocking_failures)} blocking check(s); "
             f"see {paths.relative(paths.validation_report)}):\n{lines}"
         )
-    log.info("validation passed: %d accepted, %d quarantined -> %s", len(accepted), len(quarantine),
-             paths.relative(paths.validation_report))
+    log.info(
+        "validation passed: %d accepted, %d quarantined -> %s",
+        len(accepted),
+        len(quarantine),
+        paths.relative(paths.validation_report),
+    )
     return result

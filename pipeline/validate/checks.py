@@ -37,9 +37,15 @@ def min_images_per_class(counts: dict[str, int], cfg: ValidateConfig) -> Check:
         f"{cfg.min_images_per_class} (validate.min_images_per_class): add images or remove the class folder"
         for label, n in short.items()
     )
-    return Check("dataset.min_images_per_class", "custom", True, not short,
-                 observed=short or min(counts.values(), default=0),
-                 expected={"min_value": cfg.min_images_per_class}, message=message)
+    return Check(
+        "dataset.min_images_per_class",
+        "custom",
+        True,
+        not short,
+        observed=short or min(counts.values(), default=0),
+        expected={"min_value": cfg.min_images_per_class},
+        message=message,
+    )
 
 
 def class_imbalance(counts: dict[str, int], cfg: ValidateConfig) -> Check:
@@ -47,12 +53,23 @@ def class_imbalance(counts: dict[str, int], cfg: ValidateConfig) -> Check:
     present = [n for n in counts.values() if n > 0]
     ratio = max(present) / min(present) if present else 0.0
     passed = ratio <= cfg.max_imbalance_ratio
-    message = "" if passed else (
-        f"largest class is {ratio:.1f}x the smallest (validate.max_imbalance_ratio "
-        f"{cfg.max_imbalance_ratio:g}); consider class weights or more data for small classes"
+    message = (
+        ""
+        if passed
+        else (
+            f"largest class is {ratio:.1f}x the smallest (validate.max_imbalance_ratio "
+            f"{cfg.max_imbalance_ratio:g}); consider class weights or more data for small classes"
+        )
     )
-    return Check("dataset.class_imbalance_ratio", "custom", False, passed, observed=round(ratio, 4),
-                 expected={"max_value": cfg.max_imbalance_ratio}, message=message)
+    return Check(
+        "dataset.class_imbalance_ratio",
+        "custom",
+        False,
+        passed,
+        observed=round(ratio, 4),
+        expected={"max_value": cfg.max_imbalance_ratio},
+        message=message,
+    )
 
 
 def dataset_checks(manifest: pd.DataFrame, accepted: pd.DataFrame, cfg: ValidateConfig) -> list[Check]:

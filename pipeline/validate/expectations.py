@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from great_expectations.expectations.metadata_types import FailureSeverity
 
 from pipeline.config import ValidateConfig
 from pipeline.validate.checks import Check
 
-CRITICAL, WARNING = "critical", "warning"
+CRITICAL, WARNING = FailureSeverity.CRITICAL, FailureSeverity.WARNING
 
 
 def manifest_expectations(cfg: ValidateConfig) -> list[Any]:
@@ -24,7 +25,9 @@ def manifest_expectations(cfg: ValidateConfig) -> list[Any]:
         x.ExpectTableRowCountToBeBetween(min_value=1, severity=CRITICAL),
         x.ExpectColumnValuesToNotBeNull(column="label", severity=CRITICAL),
         x.ExpectColumnValuesToBeUnique(column="path", severity=CRITICAL),
-        x.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=cfg.min_classes, severity=CRITICAL),
+        x.ExpectColumnUniqueValueCountToBeBetween(
+            column="label", min_value=cfg.min_classes, severity=CRITICAL
+        ),
         # Single bad files are quarantined; a high share of them means the source is wrong.
         x.ExpectColumnValuesToBeInSet(
             column="decodable", value_set=[True], mostly=1.0 - cfg.max_bad_fraction, severity=CRITICAL
@@ -45,10 +48,12 @@ def image_expectations(cfg: ValidateConfig) -> list[Any]:
 
     x = gx.expectations
     return [
-        x.ExpectColumnValuesToBeBetween(column="width", min_value=cfg.min_side, max_value=cfg.max_side,
-                                        severity=WARNING),
-        x.ExpectColumnValuesToBeBetween(column="height", min_value=cfg.min_side, max_value=cfg.max_side,
-                                        severity=WARNING),
+        x.ExpectColumnValuesToBeBetween(
+            column="width", min_value=cfg.min_side, max_value=cfg.max_side, severity=WARNING
+        ),
+        x.ExpectColumnValuesToBeBetween(
+            column="height", min_value=cfg.min_side, max_value=cfg.max_side, severity=WARNING
+        ),
         x.ExpectColumnValuesToBeInSet(column="format", value_set=cfg.allowed_formats, severity=WARNING),
         x.ExpectColumnValuesToBeInSet(column="mode", value_set=cfg.allowed_modes, severity=WARNING),
         # Exact duplicates in one class are legal; split keeps copies on one side.
@@ -77,7 +82,7 @@ def _as_check(suite: str, validation: Any) -> Check:
     return Check(
         name=name,
         source="great_expectations",
-        blocking=str(config.severity) in {CRITICAL, "FailureSeverity.CRITICAL"},
+        blocking=FailureSeverity(config.severity) == CRITICAL,
         passed=bool(validation.success),
         observed=_observed(validation.result or {}),
         expected=kwargs,
@@ -113,7 +118,6 @@ def run_suites(manifest: pd.DataFrame, cfg: ValidateConfig, data_docs: Path) -> 
     """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
-
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
@@ -121,7 +125,7 @@ def run_suites(manifest: pd.DataFrame, cfg: ValidateConfig, data_docs: Path) -> 
     _data_docs_site(context, data_docs)
     source = context.data_sources.add_pandas("manifest")
     images = manifest[manifest["decodable"]].reset_index(drop=True)
-    checks = []
+    checks: list[Check] = []
     for suite_name, expectations, frame in (
         ("manifest", manifest_expectations(cfg), manifest),
         ("images", image_expectations(cfg), images),

@@ -61,8 +61,9 @@ def find_quarantine(manifest: pd.DataFrame, cfg: ValidateConfig) -> pd.DataFrame
     for _, row in manifest.iterrows():
         problem = _row_problem(row, cfg)
         if problem:
-            problems.append({"file": row["path"], "label": row["label"], "reason": problem[0],
-                             "detail": problem[1]})
+            problems.append(
+                {"file": row["path"], "label": row["label"], "reason": problem[0], "detail": problem[1]}
+            )
     per_file = pd.DataFrame(problems, columns=QUARANTINE_COLUMNS)
     usable = manifest[~manifest["path"].isin(per_file["file"])]
     frames = [frame for frame in (per_file, label_conflicts(usable)) if not frame.empty]

@@ -62,10 +62,12 @@ def salted_tree(root: Path) -> Path:
 @pytest.fixture
 def salted(tmp_path: Path, make_config):
     source = salted_tree(tmp_path / "incoming")
-    cfg, paths = make_config({
-        "ingest": {"source": "folder", "folder": {"path": str(source)}},
-        "validate": {"min_images_per_class": 5},
-    })
+    cfg, paths = make_config(
+        {
+            "ingest": {"source": "folder", "folder": {"path": str(source)}},
+            "validate": {"min_images_per_class": 5},
+        }
+    )
     return source, cfg, paths
 
 

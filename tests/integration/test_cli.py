@@ -12,8 +12,9 @@ from tests.conftest import REPO_ROOT
 
 
 def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_bad_params_fail_at_start_with_key_path(tmp_path: Path):

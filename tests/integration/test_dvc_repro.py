@@ -17,8 +17,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def sh(cwd: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GX_ANALYTICS_ENABLED": "False", "DVC_NO_ANALYTICS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GX_ANALYTICS_ENABLED": "False",
+        "DVC_NO_ANALYTICS": "1",
+    }
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
@@ -32,8 +36,13 @@ def ran(output: str) -> set[str]:
 def clone(tmp_path_factory) -> Path:
     """The committed project files (what a fresh clone has) in a new git repository."""
     target = tmp_path_factory.mktemp("clone")
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.split("\n")
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
     for name in filter(None, listed):
         if (REPO_ROOT / name).is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
@@ -47,8 +56,14 @@ def clone(tmp_path_factory) -> Path:
 def test_repro_runs_once_then_only_what_changed(clone: Path):
     first = sh(clone, "dvc", "repro")
     assert ran(first) == {"ingest", "validate", "split"}
-    for out in ("data/manifest.csv", "data/quarantine.csv", "data/splits/test.csv",
-                "reports/validation.json", "reports/split.json", "reports/data_docs/index.html"):
+    for out in (
+        "data/manifest.csv",
+        "data/quarantine.csv",
+        "data/splits/test.csv",
+        "reports/validation.json",
+        "reports/split.json",
+        "reports/data_docs/index.html",
+    ):
         assert (clone / out).is_file(), out
     assert len(list((clone / "data/raw").rglob("*.png"))) == 1797
     test_split = (clone / "data/splits/test.csv").read_bytes()

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from pipeline.config import load_config, parse_config
 from pipeline.errors import ConfigError
@@ -78,5 +79,5 @@ def test_missing_params_file(tmp_path: Path):
 
 def test_config_is_immutable():
     cfg = load_config(REPO_ROOT / "params.yaml")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.split.seed = 1  # type: ignore[misc]

@@ -35,8 +35,9 @@ def test_html_is_not_an_image():
 
 
 def test_truncated_jpeg():
-    data = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)),
-                  "JPEG")
+    data = encode(
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG"
+    )
     row = inspect_image(data[: len(data) // 2], "p", "a", max_pixels=100_000)
     assert not row.decodable and row.reason == "truncated"
     assert (row.width, row.height) == (64, 64)
@@ -50,7 +51,7 @@ def test_oversize_is_not_decoded():
 
 
 def test_sixteen_bit_png_keeps_its_contrast():
-    wide = (gradient().astype(np.uint16) * 257)
+    wide = gradient().astype(np.uint16) * 257
     image = Image.fromarray(wide)
     assert image.mode.startswith("I")
     gray = np.asarray(luminance(image))

@@ -72,10 +72,12 @@ def tiny_tfds(tmp_path_factory) -> Path:
 
         def _info(self):
             return self.dataset_info_from_configs(
-                features=tfds.features.FeaturesDict({
-                    "image": tfds.features.Image(shape=(16, 16, 3)),
-                    "label": tfds.features.ClassLabel(names=["circle", "square"]),
-                }),
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(shape=(16, 16, 3)),
+                        "label": tfds.features.ClassLabel(names=["circle", "square"]),
+                    }
+                ),
                 supervised_keys=("image", "label"),
             )
 
@@ -94,8 +96,9 @@ def tiny_tfds(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_tfds_source_uses_tfds_load(make_config, tiny_tfds: Path):
-    cfg, paths = make_config({"ingest": {"source": "tfds",
-                                         "tfds": {"name": "tiny_shapes", "data_dir": str(tiny_tfds)}}})
+    cfg, paths = make_config(
+        {"ingest": {"source": "tfds", "tfds": {"name": "tiny_shapes", "data_dir": str(tiny_tfds)}}}
+    )
     result = ingest.run(cfg.ingest, paths)
     assert result.classes == {"circle": 6, "square": 6} and result.decodable == 12
     manifest = pd.read_csv(paths.manifest)
@@ -105,7 +108,10 @@ def test_tfds_source_uses_tfds_load(make_config, tiny_tfds: Path):
 
 @pytest.mark.slow
 def test_tfds_missing_dataset_says_what_to_do(make_config, tmp_path: Path):
-    cfg, paths = make_config({"ingest": {"source": "tfds",
-                                         "tfds": {"name": "tiny_shapes", "data_dir": str(tmp_path / "empty")}}})
-    with pytest.raises(IngestError, match=r"ingest\.tfds\.name: cannot load TFDS dataset 'tiny_shapes'.*tfds build"):
+    cfg, paths = make_config(
+        {"ingest": {"source": "tfds", "tfds": {"name": "tiny_shapes", "data_dir": str(tmp_path / "empty")}}}
+    )
+    with pytest.raises(
+        IngestError, match=r"ingest\.tfds\.name: cannot load TFDS dataset 'tiny_shapes'.*tfds build"
+    ):
         ingest.run(cfg.ingest, paths)

@@ -7,8 +7,16 @@ from pipeline.validate.quarantine import find_quarantine
 
 
 def manifest(*rows: dict) -> pd.DataFrame:
-    defaults = {"phash": "ab", "width": 32, "height": 32, "mode": "L", "format": "PNG", "bytes": 10,
-                "decodable": True, "error": ""}
+    defaults = {
+        "phash": "ab",
+        "width": 32,
+        "height": 32,
+        "mode": "L",
+        "format": "PNG",
+        "bytes": 10,
+        "decodable": True,
+        "error": "",
+    }
     return pd.DataFrame([{**defaults, **row} for row in rows], columns=list(MANIFEST_COLUMNS))
 
 
@@ -18,8 +26,9 @@ def test_ingest_errors_become_reasons():
         {"path": "a/2.png", "label": "a", "sha256": "2"},
     )
     result = find_quarantine(frame, ValidateConfig())
-    assert result.to_dict("records") == [{"file": "a/1.jpg", "label": "a", "reason": "truncated",
-                                          "detail": "cut"}]
+    assert result.to_dict("records") == [
+        {"file": "a/1.jpg", "label": "a", "reason": "truncated", "detail": "cut"}
+    ]
 
 
 def test_bounds_formats_and_modes():
@@ -32,8 +41,12 @@ def test_bounds_formats_and_modes():
         {"path": "a/ok.png", "label": "a", "sha256": "5"},
     )
     reasons = dict(zip(*find_quarantine(frame, cfg)[["file", "reason"]].T.values, strict=True))
-    assert reasons == {"a/big.png": "size_out_of_bounds", "a/cmyk.png": "mode_not_allowed",
-                       "a/small.png": "size_out_of_bounds", "a/x.tif": "format_not_allowed"}
+    assert reasons == {
+        "a/big.png": "size_out_of_bounds",
+        "a/cmyk.png": "mode_not_allowed",
+        "a/small.png": "size_out_of_bounds",
+        "a/x.tif": "format_not_allowed",
+    }
 
 
 def test_same_content_under_two_labels_is_a_conflict_but_same_label_is_not():

@@ -7,16 +7,21 @@ from pipeline.split import assign_splits, duplicate_groups
 
 
 def frame(n_per_class: int, classes: str = "abc") -> pd.DataFrame:
-    rows = [{"path": f"{c}/{i:03d}.png", "label": c, "sha256": f"{c}{i}", "phash": f"p{c}{i}"}
-            for c in classes for i in range(n_per_class)]
+    rows = [
+        {"path": f"{c}/{i:03d}.png", "label": c, "sha256": f"{c}{i}", "phash": f"p{c}{i}"}
+        for c in classes
+        for i in range(n_per_class)
+    ]
     return pd.DataFrame(rows)
 
 
 def test_groups_join_exact_and_near_duplicates_transitively():
-    data = pd.DataFrame({
-        "sha256": ["s1", "s1", "s2", "s3", "s4"],
-        "phash": ["p1", "p2", "p2", "p3", ""],
-    })
+    data = pd.DataFrame(
+        {
+            "sha256": ["s1", "s1", "s2", "s3", "s4"],
+            "phash": ["p1", "p2", "p2", "p3", ""],
+        }
+    )
     assert duplicate_groups(data, near_duplicates=True) == [0, 0, 0, 3, 4]
     assert duplicate_groups(data, near_duplicates=False) == [0, 0, 2, 3, 4]
 
