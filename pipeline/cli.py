@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ ParamsOption = Annotated[Path, typer.Option("--params", help="params file; its f
 
 
 def _configure_logging() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for chatty in ("great_expectations", "absl", "tensorflow"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
@@ -60,3 +62,63 @@ def split(params: ParamsOption = Path("params.yaml")) -> None:
     from pipeline import split as stage
 
     _run_stage(params, lambda cfg, paths: stage.run(cfg.split, paths))
+
+
+@app.command()
+def train(params: ParamsOption = Path("params.yaml")) -> None:
+    """Train the configured model; starts the pipeline's MLflow run."""
+    from pipeline import train as stage
+
+    _run_stage(params, stage.run)
+
+
+@app.command()
+def evaluate(params: ParamsOption = Path("params.yaml")) -> None:
+    """Score the trained model on the test split."""
+    from pipeline import evaluate as stage
+
+    _run_stage(params, stage.run)
+
+
+@app.command()
+def baseline(params: ParamsOption = Path("params.yaml")) -> None:
+    """Fit and score the HOG + PCA + SVM baseline."""
+    from pipeline import baseline as stage
+
+    _run_stage(params, lambda cfg, paths: stage.run(cfg.baseline, paths))
+
+
+@app.command()
+def export(params: ParamsOption = Path("params.yaml")) -> None:
+    """Export SavedModel and TFLite variants and measure them on the test split."""
+    from pipeline import export as stage
+
+    _run_stage(params, stage.run)
+
+
+@app.command()
+def gate(params: ParamsOption = Path("params.yaml")) -> None:
+    """Check the model against thresholds, the baseline and the registry's champion."""
+    from pipeline import gate as stage
+
+    _run_stage(params, stage.run)
+
+
+@app.command()
+def register(params: ParamsOption = Path("params.yaml")) -> None:
+    """Register the model in MLflow; alias champion if the gate passed, else challenger (and fail)."""
+    from pipeline import register as stage
+
+    _run_stage(params, stage.run)
+
+
+@app.command()
+def rollback(
+    params: ParamsOption = Path("params.yaml"),
+    to: Annotated[str | None, typer.Option("--to", help="version to make champion")] = None,
+) -> None:
+    """Move the champion alias back to the previous champion (or to --to VERSION)."""
+    from pipeline.register import rollback as move_back
+
+    moved = _run_stage(params, lambda cfg, paths: move_back(cfg.mlflow, paths.root, to))
+    typer.echo(f"champion: version {moved[0]} -> version {moved[1]}")

@@ -33,6 +33,8 @@ class PathsConfig(Section):
     quarantine: Path = Path("data/quarantine.csv")
     splits: Path = Path("data/splits")
     reports: Path = Path("reports")
+    models: Path = Path("models")
+    train_backup: Path = Path(".cache/train_backup")
 
 
 class EmbeddedSource(Section):
@@ -115,6 +117,98 @@ class SplitConfig(Section):
     group_near_duplicates: bool = True
 
 
+class AugmentConfig(Section):
+    """Random augmentation of training images only; 0 or `none` turns a transform off."""
+
+    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "none"
+    rotation: float = Field(0.0, ge=0.0, le=0.5)
+    zoom: float = Field(0.0, ge=0.0, lt=1.0)
+    translation: float = Field(0.0, ge=0.0, lt=1.0)
+    brightness: float = Field(0.0, ge=0.0, lt=1.0)
+    contrast: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class FineTuneConfig(Section):
+    """Second phase of transfer learning: unfreeze the top `layers` of the base."""
+
+    epochs: int = Field(5, ge=0)
+    layers: int = Field(20, ge=0)
+    learning_rate: float = Field(1e-5, gt=0.0)
+
+
+ModelName = Literal["small_cnn", "mobilenet_v2", "efficientnet_b0", "resnet50"]
+
+
+class TrainConfig(Section):
+    """Model, optimisation and callbacks."""
+
+    model: ModelName = "small_cnn"
+    weights: str = "none"
+    image_size: int = Field(32, ge=8, le=1024)
+    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(30, ge=1)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    fine_tune: FineTuneConfig = FineTuneConfig()
+    early_stopping_patience: int = Field(6, ge=1)
+    reduce_lr_patience: int = Field(3, ge=1)
+    class_weights: Literal["auto", "balanced", "none"] = "auto"
+    imbalance_threshold: float = Field(1.5, ge=1.0)
+    seed: int = 42
+    augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="after")
+    def _weights_choice(self) -> TrainConfig:
+        if self.model == "small_cnn" and self.weights not in {"none"}:
+            raise ValueError("weights: small_cnn has no pretrained weights; use 'none'")
+        if self.model != "small_cnn" and self.image_size < 32:
+            raise ValueError(f"image_size: {self.model} needs at least 32 pixels, got {self.image_size}")
+        return self
+
+
+class EvaluateConfig(Section):
+    """Test-set metrics."""
+
+    top_k: int = Field(3, ge=1)
+    calibration_bins: int = Field(15, ge=2)
+    latency_images: int = Field(50, ge=1)
+
+
+class BaselineConfig(Section):
+    """The classical route: HOG features, PCA, RBF SVM."""
+
+    image_size: int = Field(32, ge=8)
+    orientations: int = Field(9, ge=1)
+    pixels_per_cell: int = Field(4, ge=2)
+    cells_per_block: int = Field(2, ge=1)
+    pca_variance: float = Field(0.95, gt=0.0, le=1.0)
+    svm_c: float = Field(10.0, gt=0.0)
+    seed: int = 42
+
+
+class ExportConfig(Section):
+    """SavedModel and TFLite export."""
+
+    calibration_images: int = Field(200, ge=1)
+
+
+class GateConfig(Section):
+    """Thresholds a model must meet to become champion."""
+
+    min_accuracy: float = Field(0.95, ge=0.0, le=1.0)
+    min_macro_f1: float = Field(0.95, ge=0.0, le=1.0)
+    min_margin_over_baseline: float = Field(0.0, ge=-1.0, le=1.0)
+    max_int8_accuracy_drop: float = Field(0.02, ge=0.0, le=1.0)
+    champion_tolerance: float = Field(0.01, ge=0.0, le=1.0)
+
+
+class MlflowConfig(Section):
+    """Tracking and registry names; the server comes from MLFLOW_TRACKING_URI."""
+
+    experiment: str = "image-classification"
+    registered_model: str = "image-classifier"
+
+
 class PipelineConfig(Section):
     """The whole of params.yaml."""
 
@@ -122,6 +216,12 @@ class PipelineConfig(Section):
     ingest: IngestConfig = IngestConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     split: SplitConfig = SplitConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    baseline: BaselineConfig = BaselineConfig()
+    export: ExportConfig = ExportConfig()
+    gate: GateConfig = GateConfig()
+    mlflow: MlflowConfig = MlflowConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -136,6 +236,8 @@ class StagePaths:
     quarantine: Path
     splits: Path
     reports: Path
+    models: Path
+    train_backup: Path
 
     @classmethod
     def from_config(cls, paths: PathsConfig, root: Path) -> StagePaths:
@@ -148,6 +250,8 @@ class StagePaths:
             quarantine=root / paths.quarantine,
             splits=root / paths.splits,
             reports=root / paths.reports,
+            models=root / paths.models,
+            train_backup=root / paths.train_backup,
         )
 
     @property
@@ -161,6 +265,31 @@ class StagePaths:
     @property
     def split_report(self) -> Path:
         return self.reports / "split.json"
+
+    @property
+    def keras_model(self) -> Path:
+        return self.models / "keras" / "model.keras"
+
+    @property
+    def run_file(self) -> Path:
+        """Where train records the MLflow run that later stages resume."""
+        return self.models / "mlflow_run.json"
+
+    @property
+    def savedmodel(self) -> Path:
+        return self.models / "savedmodel"
+
+    @property
+    def tflite(self) -> Path:
+        return self.models / "tflite"
+
+    @property
+    def labels(self) -> Path:
+        return self.models / "labels.txt"
+
+    def report(self, name: str) -> Path:
+        """A file under the reports folder."""
+        return self.reports / name
 
     def split_file(self, name: str) -> Path:
         """The CSV of one split: train, val or test."""
@@ -208,11 +337,18 @@ def parse_config(raw: Any, source: Path = DEFAULT_PARAMS) -> PipelineConfig:
 
 
 def check_sources_exist(cfg: PipelineConfig, root: Path, source: Path = DEFAULT_PARAMS) -> None:
-    """Fail early when the configured image source folder is missing.
+    """Fail early when a configured input file or folder is missing.
 
     Raises:
-        ConfigError: when ingest.folder.path does not name a directory.
+        ConfigError: when ingest.folder.path is not a directory or train.weights not a file.
     """
+    if cfg.train.weights not in {"none", "imagenet"}:
+        weights = Path(cfg.train.weights)
+        weights = weights if weights.is_absolute() else root / weights
+        if not weights.is_file():
+            raise ConfigError(
+                f"{source}: train.weights: {weights} is not a file; use none, imagenet or a weights file path"
+            )
     if cfg.ingest.source == "folder" and cfg.ingest.folder.path is not None:
         folder = cfg.ingest.folder.path
         folder = folder if folder.is_absolute() else root / folder

@@ -23,3 +23,7 @@ class DataValidationError(PipelineError):
 
 class SplitError(PipelineError):
     """The accepted data cannot be split as configured."""
+
+
+class GateFailed(PipelineError):
+    """The model did not pass the gate; it was registered as challenger, not promoted."""

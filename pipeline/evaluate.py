@@ -1,0 +1,191 @@
+"""evaluate: test-split metrics, calibration, confusion matrix and CPU latency of the Keras model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    top_k_accuracy_score,
+)
+
+import mlflow
+from pipeline import tracking
+from pipeline.config import PipelineConfig, StagePaths
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    """The headline test metrics."""
+
+    accuracy: float
+    macro_f1: float
+    metrics: dict
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int) -> float:
+    """ECE: the gap between confidence and accuracy, weighted over equal-width confidence bins.
+
+    Written by hand: scikit-learn offers calibration_curve but no ECE.
+    """
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    gap = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            gap += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(gap)
+
+
+def classification_metrics(
+    labels: np.ndarray, probabilities: np.ndarray, names: list[str], top_k: int, bins: int
+) -> dict:
+    """Accuracy, macro and per-class precision/recall/F1, top-k accuracy and ECE."""
+    predicted = probabilities.argmax(axis=1)
+    classes = np.arange(len(names))
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, predicted, labels=classes, average="macro", zero_division=0
+    )
+    per_p, per_r, per_f, support = precision_recall_fscore_support(
+        labels, predicted, labels=classes, zero_division=0
+    )
+    k = min(top_k, len(names) - 1) if len(names) > 2 else 1
+    return {
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "macro_precision": float(precision),
+        "macro_recall": float(recall),
+        "macro_f1": float(f1),
+        f"top_{k}_accuracy": float(top_k_accuracy_score(labels, probabilities, k=k, labels=classes))
+        if len(names) > 2
+        else float(accuracy_score(labels, predicted)),
+        "expected_calibration_error": expected_calibration_error(probabilities, labels, bins),
+        "test_images": int(len(labels)),
+        "per_class": {
+            name: {
+                "precision": float(per_p[i]),
+                "recall": float(per_r[i]),
+                "f1": float(per_f[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(names)
+        },
+    }
+
+
+def latency_ms(model, images: np.ndarray, count: int) -> float:
+    """Median milliseconds to classify one image (batch of 1) with the Keras model on this machine."""
+    sample = images[: max(1, min(count, len(images)))]
+    model.predict_on_batch(sample[:1])  # trace and warm up
+    timings = []
+    for image in sample:
+        start = time.perf_counter()
+        model.predict_on_batch(image[None])
+        timings.append((time.perf_counter() - start) * 1000.0)
+    return float(np.median(timings))
+
+
+def plot_confusion(matrix: np.ndarray, names: list[str], path: Path) -> None:
+    """A labelled confusion-matrix heat map."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.5 * len(names) + 2)
+    figure, axis = plt.subplots(figsize=(size, size))
+    axis.imshow(matrix, cmap="Blues")
+    axis.set(
+        xticks=range(len(names)),
+        yticks=range(len(names)),
+        xticklabels=names,
+        yticklabels=names,
+        xlabel="predicted",
+        ylabel="actual",
+        title="Confusion matrix (test split)",
+    )
+    for (row, col), value in np.ndenumerate(matrix):
+        axis.text(
+            col,
+            row,
+            str(value),
+            ha="center",
+            va="center",
+            color="white" if value > matrix.max() / 2 else "black",
+            fontsize=8,
+        )
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def score_test_split(
+    cfg: PipelineConfig, paths: StagePaths
+) -> tuple[object, list[str], pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
+    """The model, class names, test rows, test images, true class indices and predicted probabilities."""
+    from pipeline.train.data import load_images, read_split
+    from pipeline.train.models import load_trained
+
+    model, names = load_trained(paths.keras_model)
+    test = read_split(paths, "test")
+    images = load_images(test, paths.root, cfg.train.image_size)
+    labels = np.array([names.index(label) for label in test["label"]])
+    probabilities = model.predict(images, batch_size=cfg.train.batch_size, verbose=0)
+    return model, names, test, images, labels, probabilities
+
+
+def write_reports(
+    metrics: dict, labels: np.ndarray, probabilities: np.ndarray, names: list[str], paths: StagePaths
+) -> None:
+    """metrics.json, the confusion matrix PNG, the classification report and per-image predictions."""
+    predicted = probabilities.argmax(axis=1)
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    paths.report("metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_confusion(
+        confusion_matrix(labels, predicted, labels=range(len(names))),
+        names,
+        paths.report("confusion_matrix.png"),
+    )
+    paths.report("classification_report.txt").write_text(
+        classification_report(
+            labels, predicted, labels=range(len(names)), target_names=names, digits=4, zero_division=0
+        )
+    )
+    pd.DataFrame({"actual": [names[i] for i in labels], "predicted": [names[i] for i in predicted]}).to_csv(
+        paths.report("predictions.csv"), index=False, lineterminator="\n"
+    )
+
+
+def run(cfg: PipelineConfig, paths: StagePaths) -> EvaluateResult:
+    """Evaluate the trained model on the test split and log the results to the pipeline's run."""
+    model, names, _, images, labels, probabilities = score_test_split(cfg, paths)
+    metrics = classification_metrics(
+        labels, probabilities, names, cfg.evaluate.top_k, cfg.evaluate.calibration_bins
+    )
+    metrics["latency_ms_per_image"] = latency_ms(model, images, cfg.evaluate.latency_images)
+    write_reports(metrics, labels, probabilities, names, paths)
+    with tracking.resume_run(cfg.mlflow, paths):
+        mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)})
+        for name in ("metrics.json", "confusion_matrix.png", "classification_report.txt"):
+            mlflow.log_artifact(str(paths.report(name)), "reports")
+    log.info(
+        "test accuracy %.4f, macro F1 %.4f, ECE %.4f, %.2f ms/image",
+        metrics["accuracy"],
+        metrics["macro_f1"],
+        metrics["expected_calibration_error"],
+        metrics["latency_ms_per_image"],
+    )
+    return EvaluateResult(metrics["accuracy"], metrics["macro_f1"], metrics)

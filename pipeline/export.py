@@ -1,0 +1,197 @@
+"""export: a SavedModel that serves encoded image bytes, and four TFLite variants measured with LiteRT."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+import mlflow
+from pipeline import tracking
+from pipeline.config import PipelineConfig, StagePaths
+from pipeline.train.data import decode_and_resize, load_images, read_split
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("float32", "float16", "dynamic_range", "int8")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Where the exports are and how each TFLite variant scored."""
+
+    savedmodel: Path
+    variants: dict[str, dict]
+
+
+def export_savedmodel(model, class_names: list[str], image_size: int, target: Path) -> None:
+    """Write a SavedModel whose `serving_default` takes encoded image bytes.
+
+    Decoding and resizing run inside the graph with the same function the
+    training pipeline uses, so serving cannot skew from training. Outputs:
+    `probabilities` (N, classes), `predicted_class` (N,) and `class_names` (N, classes).
+    """
+    import keras
+
+    names = tf.constant(class_names)
+
+    def serve(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        pixels = tf.map_fn(
+            lambda b: decode_and_resize(b, image_size),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.float32),
+        )
+        probabilities = model(pixels, training=False)
+        batch = tf.shape(probabilities)[0]
+        return {
+            "probabilities": probabilities,
+            "predicted_class": tf.gather(names, tf.argmax(probabilities, axis=1)),
+            "class_names": tf.tile(names[None, :], [batch, 1]),
+        }
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serving_default", serve, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")]
+    )
+    if target.exists():
+        shutil.rmtree(target)
+    archive.write_out(str(target), verbose=False)
+
+
+def _representative(images: np.ndarray) -> Callable[[], Iterator[list[np.ndarray]]]:
+    def generate() -> Iterator[list[np.ndarray]]:
+        for image in images:
+            yield [image[None].astype(np.float32)]
+
+    return generate
+
+
+def convert_tflite(model, calibration: np.ndarray) -> dict[str, bytes]:
+    """float32, float16, dynamic-range and full-integer int8 (uint8 pixels in) TFLite models."""
+    with tempfile.TemporaryDirectory() as folder:
+        model.export(folder, format="tf_saved_model", verbose=False)
+        flat: dict[str, bytes] = {}
+        for variant in VARIANTS:
+            converter = tf.lite.TFLiteConverter.from_saved_model(folder)
+            if variant != "float32":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            if variant == "float16":
+                converter.target_spec.supported_types = [tf.float16]
+            if variant == "int8":
+                converter.representative_dataset = _representative(calibration)
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+                converter.inference_input_type = tf.uint8  # raw pixels 0..255 need no scaling
+            flat[variant] = converter.convert()
+    return flat
+
+
+def tflite_predict(model_path: Path, images: np.ndarray) -> tuple[np.ndarray, float]:
+    """Probabilities for each image (batch of 1) with the LiteRT interpreter, and median ms per image."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(model_path))
+    interpreter.allocate_tensors()
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    outputs, timings = [], []
+    for image in images:
+        batch = image[None]
+        if source["dtype"] != np.float32:
+            scale, zero_point = source["quantization"]
+            info = np.iinfo(source["dtype"])
+            batch = np.clip(np.round(batch / scale + zero_point), info.min, info.max)
+        interpreter.set_tensor(source["index"], batch.astype(source["dtype"]))
+        start = time.perf_counter()
+        interpreter.invoke()
+        timings.append((time.perf_counter() - start) * 1000.0)
+        output = interpreter.get_tensor(target["index"])[0].astype(np.float32)
+        if target["dtype"] != np.float32:
+            scale, zero_point = target["quantization"]
+            output = (output - zero_point) * scale
+        outputs.append(output)
+    return np.stack(outputs), float(np.median(timings))
+
+
+def score_variant(path: Path, images: np.ndarray, labels: np.ndarray, keras_predicted: np.ndarray) -> dict:
+    """Size, accuracy, latency and agreement with the Keras model of one TFLite file."""
+    probabilities, latency = tflite_predict(path, images)
+    predicted = probabilities.argmax(axis=1)
+    return {
+        "file": path.name,
+        "size_bytes": path.stat().st_size,
+        "accuracy": float((predicted == labels).mean()),
+        "latency_ms_median": latency,
+        "agreement_with_keras": float((predicted == keras_predicted).mean()),
+    }
+
+
+def savedmodel_predict(folder: Path, image_bytes: list[bytes]) -> dict[str, np.ndarray]:
+    """Call the exported serving signature on encoded images."""
+    served = tf.saved_model.load(str(folder)).signatures["serving_default"]
+    outputs = served(image_bytes=tf.constant(image_bytes))
+    return {key: value.numpy() for key, value in outputs.items()}
+
+
+def run(cfg: PipelineConfig, paths: StagePaths) -> ExportResult:
+    """Export the trained model and measure every variant on the whole test split."""
+    from pipeline.train.models import load_trained
+
+    model, names = load_trained(paths.keras_model)
+    size = cfg.train.image_size
+    test, train = read_split(paths, "test"), read_split(paths, "train")
+    images = load_images(test, paths.root, size)
+    labels = np.array([names.index(label) for label in test["label"]])
+    keras_predicted = model.predict(images, batch_size=cfg.train.batch_size, verbose=0).argmax(axis=1)
+    calibration = load_images(
+        train.sample(min(cfg.export.calibration_images, len(train)), random_state=0), paths.root, size
+    )
+
+    export_savedmodel(model, names, size, paths.savedmodel)
+    served = savedmodel_predict(paths.savedmodel, [(paths.root / p).read_bytes() for p in test["path"]])
+    paths.tflite.mkdir(parents=True, exist_ok=True)
+    variants = {}
+    for variant, flat in convert_tflite(model, calibration).items():
+        target = paths.tflite / f"model_{variant}.tflite"
+        target.write_bytes(flat)
+        variants[variant] = score_variant(target, images, labels, keras_predicted)
+    paths.labels.write_text("\n".join(names) + "\n", encoding="utf-8")
+    report = {
+        "keras": {"accuracy": float((keras_predicted == labels).mean())},
+        "savedmodel": {
+            "signature": "serving_default",
+            "accuracy": float((served["probabilities"].argmax(axis=1) == labels).mean()),
+            "agreement_with_keras": float((served["probabilities"].argmax(axis=1) == keras_predicted).mean()),
+        },
+        "tflite": variants,
+    }
+    paths.report("export.json").write_text(json.dumps(report, indent=2) + "\n")
+    with tracking.resume_run(cfg.mlflow, paths):
+        mlflow.log_metrics(
+            {
+                f"tflite_{v}_{k}": float(x)
+                for v, row in variants.items()
+                for k, x in row.items()
+                if k != "file"
+            }
+        )
+        mlflow.log_artifacts(str(paths.tflite), "tflite")
+        mlflow.log_artifact(str(paths.report("export.json")), "reports")
+        mlflow.log_artifact(str(paths.labels))
+    for variant, row in variants.items():
+        log.info(
+            "%-13s %8d bytes  accuracy %.4f  %.3f ms  agreement %.4f",
+            variant,
+            row["size_bytes"],
+            row["accuracy"],
+            row["latency_ms_median"],
+            row["agreement_with_keras"],
+        )
+    return ExportResult(paths.savedmodel, variants)

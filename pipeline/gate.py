@@ -1,0 +1,161 @@
+"""gate: every check a model must pass to become champion, each with value, threshold and verdict."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+import mlflow
+from pipeline import tracking
+from pipeline.config import GateConfig, PipelineConfig, StagePaths
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One check: `status` is passed, failed or skipped (skipped never counts as passed)."""
+
+    name: str
+    value: float | None
+    threshold: float
+    status: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """All checks and the verdict."""
+
+    checks: list[GateCheck]
+
+    @property
+    def failed(self) -> list[GateCheck]:
+        return [c for c in self.checks if c.status == "failed"]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+
+def at_least(name: str, value: float, threshold: float, detail: str = "") -> GateCheck:
+    """A check that passes when value >= threshold."""
+    return GateCheck(name, round(value, 6), threshold, "passed" if value >= threshold else "failed", detail)
+
+
+def at_most(name: str, value: float, threshold: float, detail: str = "") -> GateCheck:
+    """A check that passes when value <= threshold."""
+    return GateCheck(name, round(value, 6), threshold, "passed" if value <= threshold else "failed", detail)
+
+
+def threshold_checks(metrics: dict, baseline: dict, export: dict, cfg: GateConfig) -> list[GateCheck]:
+    """The checks against fixed thresholds from params (pure)."""
+    int8_drop = export["keras"]["accuracy"] - export["tflite"]["int8"]["accuracy"]
+    return [
+        at_least("min_accuracy", metrics["accuracy"], cfg.min_accuracy, "test accuracy"),
+        at_least("min_macro_f1", metrics["macro_f1"], cfg.min_macro_f1, "test macro F1"),
+        at_least(
+            "margin_over_baseline",
+            metrics["accuracy"] - baseline["accuracy"],
+            cfg.min_margin_over_baseline,
+            f"CNN accuracy {metrics['accuracy']:.4f} - HOG+SVM accuracy {baseline['accuracy']:.4f}",
+        ),
+        at_most(
+            "int8_accuracy_drop",
+            int8_drop,
+            cfg.max_int8_accuracy_drop,
+            "Keras accuracy - int8 TFLite accuracy on the test split",
+        ),
+    ]
+
+
+def champion_version(model_name: str) -> Any | None:
+    """The registry's current champion version, or None when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.MlflowClient().get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def champion_accuracy(version: Any, paths: StagePaths, class_names: list[str]) -> float:
+    """Re-evaluate the champion on this test split (at its own input size)."""
+    from pipeline.train.data import load_images, read_split
+
+    champion = mlflow.tensorflow.load_model(f"models:/{version.name}/{version.version}")
+    test = read_split(paths, "test")
+    images = load_images(test, paths.root, int(champion.input_shape[1]))
+    labels = np.array([class_names.index(label) for label in test["label"]])
+    return float((champion.predict(images, verbose=0).argmax(axis=1) == labels).mean())
+
+
+def champion_check(
+    accuracy: float, class_names: list[str], cfg: PipelineConfig, paths: StagePaths
+) -> GateCheck:
+    """No regression beyond the tolerance against the current champion, on this test split."""
+    tolerance = -cfg.gate.champion_tolerance
+    version = champion_version(cfg.mlflow.registered_model)
+    if version is None:
+        return GateCheck(
+            "no_regression_vs_champion",
+            None,
+            tolerance,
+            "skipped",
+            f"no '{CHAMPION}' alias on {cfg.mlflow.registered_model} yet (first model)",
+        )
+    champion_classes = json.loads(version.tags.get("class_names", "null") or "null")
+    if champion_classes != class_names:
+        return GateCheck(
+            "no_regression_vs_champion",
+            None,
+            tolerance,
+            "skipped",
+            f"champion v{version.version} predicts other classes {champion_classes}",
+        )
+    theirs = champion_accuracy(version, paths, class_names)
+    return at_least(
+        "no_regression_vs_champion",
+        accuracy - theirs,
+        tolerance,  # change vs champion
+        f"accuracy {accuracy:.4f} vs champion v{version.version} {theirs:.4f} on this test split",
+    )
+
+
+def run(cfg: PipelineConfig, paths: StagePaths) -> GateResult:
+    """Run every check and write reports/gate.json; the register stage acts on the verdict."""
+    from pipeline.train.data import read_class_names
+
+    metrics = json.loads(paths.report("metrics.json").read_text())
+    baseline = json.loads(paths.report("baseline.json").read_text())
+    export = json.loads(paths.report("export.json").read_text())
+    class_names = read_class_names(paths.keras_model.parent / "classes.json")
+    with tracking.resume_run(cfg.mlflow, paths):
+        checks = threshold_checks(metrics, baseline, export, cfg.gate)
+        checks.append(champion_check(metrics["accuracy"], class_names, cfg, paths))
+        result = GateResult(checks)
+        report = {"passed": result.passed, "checks": {c.name: asdict(c) for c in checks}}
+        paths.report("gate.json").write_text(json.dumps(report, indent=2) + "\n")
+        mlflow.log_metrics({f"gate_{c.name}": c.value for c in checks if c.value is not None})
+        mlflow.set_tag("gate.passed", str(result.passed))
+        mlflow.log_artifact(str(paths.report("gate.json")), "reports")
+    for check in checks:
+        log.info(
+            "gate %-26s %-7s value %s threshold %s %s",
+            check.name,
+            check.status,
+            check.value,
+            check.threshold,
+            check.detail,
+        )
+    if not result.passed:
+        log.warning(
+            "gate failed: %s; register will not promote this model", ", ".join(c.name for c in result.failed)
+        )
+    return result

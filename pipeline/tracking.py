@@ -1,0 +1,130 @@
+"""MLflow tracking: where runs go, the one run per pipeline execution, and what every run carries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import mlflow
+from pipeline.config import MlflowConfig, PipelineConfig, StagePaths
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(root: Path) -> str:
+    """MLFLOW_TRACKING_URI, or a SQLite file in the project (git-ignored)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+
+
+def configure(cfg: MlflowConfig, root: Path) -> str:
+    """Point MLflow at the tracking store and make sure the experiment exists.
+
+    With the local default, artifacts go to `<root>/mlartifacts`; with a
+    server, the server decides (for example its proxied S3 store).
+
+    Returns:
+        The experiment id.
+    """
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.get_experiment_by_name(cfg.experiment)
+        if experiment is not None:
+            return str(experiment.experiment_id)
+        location = None if "MLFLOW_TRACKING_URI" in os.environ else (root / "mlartifacts").as_uri()
+        return str(mlflow.create_experiment(cfg.experiment, artifact_location=location))
+    except Exception as error:  # MLflow raises many types for an unreachable store
+        raise PipelineError(
+            f"MLflow tracking store {uri} is not usable: {error.__class__.__name__}: {error}. "
+            "Check MLFLOW_TRACKING_URI or start the tracking server"
+        ) from None
+
+
+def flat_params(cfg: PipelineConfig) -> dict[str, str]:
+    """Every param as a dotted key, the way params.yaml spells it."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        else:
+            flat[prefix] = str(value)
+
+    walk("", cfg.model_dump(mode="json", by_alias=True))
+    return flat
+
+
+def git_commit(root: Path) -> str:
+    """The checked-out commit, with '-dirty' when tracked files changed; 'unknown' outside git."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def dvc_data_hashes(root: Path, paths: StagePaths) -> dict[str, str]:
+    """The DVC hashes of the raw data and splits, as recorded in dvc.lock."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    wanted = {paths.relative(paths.raw): "dvc.raw_md5", paths.relative(paths.splits): "dvc.splits_md5"}
+    hashes = {}
+    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+        for out in stage.get("outs", []):
+            if out.get("path") in wanted:
+                hashes[wanted[out["path"]]] = out.get("md5", "")
+    return hashes
+
+
+def write_run_file(paths: StagePaths, run: Any) -> None:
+    """Record the run for the stages after train."""
+    paths.run_file.parent.mkdir(parents=True, exist_ok=True)
+    paths.run_file.write_text(
+        json.dumps({"run_id": run.info.run_id, "experiment_id": run.info.experiment_id}, indent=2) + "\n"
+    )
+
+
+def read_run_id(paths: StagePaths) -> str:
+    """The run id train wrote.
+
+    Raises:
+        PipelineError: when train has not run.
+    """
+    if not paths.run_file.is_file():
+        raise PipelineError(
+            f"{paths.relative(paths.run_file)} not found; run `python -m pipeline train` first"
+        )
+    return str(json.loads(paths.run_file.read_text())["run_id"])
+
+
+@contextmanager
+def resume_run(cfg: MlflowConfig, paths: StagePaths) -> Iterator[Any]:
+    """Continue the run that train started, so one pipeline execution is one MLflow run."""
+    configure(cfg, paths.root)
+    with mlflow.start_run(run_id=read_run_id(paths)) as run:
+        yield run
+
+
+def log_json(data: dict, name: str) -> None:
+    """Log a dict as a JSON artifact of the active run."""
+    mlflow.log_dict(data, name)

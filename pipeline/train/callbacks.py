@@ -1,0 +1,52 @@
+"""Training callbacks: early stopping, LR schedule, checkpoints, TensorBoard, resume, MLflow metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+
+import mlflow
+from pipeline.config import TrainConfig
+
+
+class MlflowEpochMetrics(keras.callbacks.Callback):
+    """Log every epoch's metrics to the active MLflow run, numbered across both phases."""
+
+    def __init__(self, phase: str) -> None:
+        super().__init__()
+        self.phase = phase
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        metrics = {key: float(value) for key, value in (logs or {}).items()}
+        metrics["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        mlflow.log_metrics(metrics, step=epoch)
+
+
+def training_callbacks(
+    cfg: TrainConfig, phase: str, backup_dir: Path, checkpoint: Path, tensorboard_dir: Path
+) -> list[keras.callbacks.Callback]:
+    """The callbacks of one training phase.
+
+    Args:
+        cfg: the `train` section.
+        phase: `head` or `fine_tune` (or `train` for models without a base).
+        backup_dir: BackupAndRestore state; a killed run resumes from here.
+        checkpoint: best model so far (by validation loss).
+        tensorboard_dir: TensorBoard log folder.
+    """
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    return [
+        keras.callbacks.BackupAndRestore(str(backup_dir / phase)),
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=cfg.early_stopping_patience, restore_best_weights=True
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.3, patience=cfg.reduce_lr_patience, min_lr=1e-7
+        ),
+        keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_loss", save_best_only=True),
+        keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir / phase)),
+        # Appends across resumes, so the history survives an interrupted run.
+        keras.callbacks.CSVLogger(str(backup_dir / f"{phase}_history.csv"), append=True),
+        MlflowEpochMetrics(phase),
+    ]
