@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -160,7 +159,7 @@ def log_run_context(
         }
     )
     for name, frame in splits.items():
-        dataset = mlflow.data.from_pandas(
+        dataset = mlflow.data.from_pandas(  # type: ignore[attr-defined]
             frame, source=str(paths.split_file(name)), name=name, targets="label"
         )
         mlflow.log_input(dataset, context=name)
