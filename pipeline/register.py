@@ -80,7 +80,7 @@ def run(cfg: PipelineConfig, paths: StagePaths) -> RegisterResult:
         version = registered_version(client, name, active.info.run_id) or log_and_register(paths, name)
         tag_version(client, name, version, gate, read_class_names(paths.keras_model.parent / "classes.json"))
         current = champion_version(name)
-        previous = current.version if current is not None and current.version != version else None
+        previous = str(current.version) if current is not None and str(current.version) != version else None
         alias = CHAMPION if gate["passed"] else CHALLENGER
         if alias == CHAMPION and previous is not None:
             client.set_model_version_tag(name, version, "previous_champion", previous)

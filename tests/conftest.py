@@ -76,3 +76,9 @@ def make_config(tmp_path: Path) -> Callable[..., tuple[PipelineConfig, StagePath
 def small_tree(tmp_path: Path) -> Path:
     """Three classes of 20 distinct 32x32 digit PNGs, outside the project's raw folder."""
     return write_tree(tmp_path / "source", digit_images(per_class=20))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests use the project-local SQLite store under their own tmp root, never a shared server."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
