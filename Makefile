@@ -11,7 +11,10 @@ export GX_ANALYTICS_ENABLED := False
 
 run: $(STAMP) ## create the venv if missing, install, run the pipeline on params.yaml
 	dvc repro
-	@echo "reports: reports/validation.json, reports/split.json, reports/data_docs/index.html"
+	@echo
+	@echo "reports:   reports/ (metrics.json, gate.json, export.json, validation.json, data_docs/index.html)"
+	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db  (http://127.0.0.1:5000)"
+	@echo "plots:     $(BIN)/dvc plots show  (writes dvc_plots/index.html)"
 
 test: $(STAMP) ## run the test suite
 	python -m pytest

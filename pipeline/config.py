@@ -209,6 +209,15 @@ class MlflowConfig(Section):
     registered_model: str = "image-classifier"
 
 
+class OrchestrationConfig(Section):
+    """Prefect deployments: work pool and cron schedules."""
+
+    work_pool: str = "local-process"
+    training_cron: str = "0 3 * * 1"
+    drift_check_cron: str = "0 * * * *"
+    timezone: str = "UTC"
+
+
 class PipelineConfig(Section):
     """The whole of params.yaml."""
 
@@ -222,6 +231,7 @@ class PipelineConfig(Section):
     export: ExportConfig = ExportConfig()
     gate: GateConfig = GateConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -334,6 +344,28 @@ def parse_config(raw: Any, source: Path = DEFAULT_PARAMS) -> PipelineConfig:
         return PipelineConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(_format_errors(source, error)) from None
+
+
+def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a params mapping with dotted keys replaced, e.g. {"train.epochs": 5}.
+
+    Raises:
+        ConfigError: when a key does not name an existing params entry.
+    """
+    import copy
+
+    result = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node = result
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {dotted}: '{part}' is not a params section")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"override {dotted}: unknown key '{leaf}'")
+        node[leaf] = value
+    return result
 
 
 def check_sources_exist(cfg: PipelineConfig, root: Path, source: Path = DEFAULT_PARAMS) -> None:

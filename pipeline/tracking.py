@@ -35,12 +35,15 @@ def configure(cfg: MlflowConfig, root: Path) -> str:
         The experiment id.
     """
     uri = tracking_uri(root)
+    local = "MLFLOW_TRACKING_URI" not in os.environ
     mlflow.set_tracking_uri(uri)
+    if local:  # set_tracking_uri exports the variable; keep "unset" meaning "this project's store"
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
         experiment = mlflow.get_experiment_by_name(cfg.experiment)
         if experiment is not None:
             return str(experiment.experiment_id)
-        location = None if "MLFLOW_TRACKING_URI" in os.environ else (root / "mlartifacts").as_uri()
+        location = (root / "mlartifacts").as_uri() if local else None
         return str(mlflow.create_experiment(cfg.experiment, artifact_location=location))
     except Exception as error:  # MLflow raises many types for an unreachable store
         raise PipelineError(

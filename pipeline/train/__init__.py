@@ -117,6 +117,9 @@ def fit_phases(
         unfrozen = unfreeze_top(base, cfg.fine_tune.layers)
         log.info("fine-tuning %d base layers at learning rate %g", unfrozen, cfg.fine_tune.learning_rate)
         _compile(model, cfg.fine_tune.learning_rate)
+        # BackupAndRestore leaves the head phase's restored epoch on the model, and fit() prefers it
+        # over initial_epoch; clear it so fine-tuning starts where it should.
+        model._initial_epoch = None
         start = cfg.epochs
         callbacks = training_callbacks(cfg, "fine_tune", backup, checkpoint, tensorboard)
         model.fit(

@@ -36,7 +36,11 @@ def training_callbacks(
         tensorboard_dir: TensorBoard log folder.
     """
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    # History and metrics are written before BackupAndRestore marks the epoch done, so a kill
+    # between the two repeats the epoch (dropped as a duplicate) instead of losing its row.
     return [
+        keras.callbacks.CSVLogger(str(backup_dir / f"{phase}_history.csv"), append=True),
+        MlflowEpochMetrics(phase),
         keras.callbacks.BackupAndRestore(str(backup_dir / phase)),
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=cfg.early_stopping_patience, restore_best_weights=True
@@ -46,7 +50,4 @@ def training_callbacks(
         ),
         keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_loss", save_best_only=True),
         keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir / phase)),
-        # Appends across resumes, so the history survives an interrupted run.
-        keras.callbacks.CSVLogger(str(backup_dir / f"{phase}_history.csv"), append=True),
-        MlflowEpochMetrics(phase),
     ]

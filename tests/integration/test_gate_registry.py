@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import mlflow
 import pytest
 
+import mlflow
 from pipeline import baseline, evaluate, export, gate, ingest, register, split, train, validate
 from pipeline.errors import GateFailed
 from pipeline.register import rollback
@@ -31,8 +31,12 @@ def project(tmp_path, make_config):
         "validate": {"min_images_per_class": 5},
         "train": {"epochs": 15, "batch_size": 16, "early_stopping_patience": 8},
         "export": {"calibration_images": 20},
-        "gate": {"min_accuracy": 0.8, "min_macro_f1": 0.8, "min_margin_over_baseline": -1.0,
-                 "max_int8_accuracy_drop": 0.1},
+        "gate": {
+            "min_accuracy": 0.8,
+            "min_macro_f1": 0.8,
+            "min_margin_over_baseline": -1.0,
+            "max_int8_accuracy_drop": 0.1,
+        },
         "mlflow": {"registered_model": "gate-test"},
     }
     cfg, paths = make_config(base)
@@ -59,7 +63,9 @@ def test_weak_model_is_refused_and_champion_stays(project, make_config):
     cfg, _, verdict = train_and_register(make_config, weak)
     failed = {c.name for c in verdict.failed}
     assert {"min_accuracy", "no_regression_vs_champion"} <= failed
-    with pytest.raises(GateFailed, match=r"version 2 is 'challenger'.*champion' stays at version 1.*min_accuracy"):
+    with pytest.raises(
+        GateFailed, match=r"version 2 is 'challenger'.*champion' stays at version 1.*min_accuracy"
+    ):
         register.run(cfg, paths)
     client = mlflow.MlflowClient()
     assert champion("gate-test") == "1"

@@ -20,12 +20,14 @@ def test_ece_measures_overconfidence():
 def test_classification_metrics_per_class_and_top_k():
     names = ["a", "b", "c", "d"]
     labels = np.array([0, 1, 2, 3])
-    probabilities = np.array([
-        [0.7, 0.1, 0.1, 0.1],  # right
-        [0.6, 0.3, 0.05, 0.05],  # wrong, true class second
-        [0.1, 0.1, 0.7, 0.1],  # right
-        [0.1, 0.1, 0.5, 0.3],  # wrong, true class second
-    ])
+    probabilities = np.array(
+        [
+            [0.7, 0.1, 0.1, 0.1],  # right
+            [0.6, 0.3, 0.05, 0.05],  # wrong, true class second
+            [0.1, 0.1, 0.7, 0.1],  # right
+            [0.1, 0.1, 0.5, 0.3],  # wrong, true class second
+        ]
+    )
     metrics = classification_metrics(labels, probabilities, names, top_k=2, bins=5)
     assert metrics["accuracy"] == 0.5
     assert metrics["top_2_accuracy"] == 1.0

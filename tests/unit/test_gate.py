@@ -3,8 +3,11 @@ from pipeline.gate import GateResult, threshold_checks
 
 
 def reports(accuracy=0.98, f1=0.97, baseline=0.95, keras=0.98, int8=0.97):
-    return ({"accuracy": accuracy, "macro_f1": f1}, {"accuracy": baseline},
-            {"keras": {"accuracy": keras}, "tflite": {"int8": {"accuracy": int8}}})
+    return (
+        {"accuracy": accuracy, "macro_f1": f1},
+        {"accuracy": baseline},
+        {"keras": {"accuracy": keras}, "tflite": {"int8": {"accuracy": int8}}},
+    )
 
 
 def statuses(checks):
@@ -18,8 +21,9 @@ def test_good_model_passes_every_threshold():
 
 
 def test_each_threshold_can_fail_on_its_own():
-    cfg = GateConfig(min_accuracy=0.95, min_macro_f1=0.95, min_margin_over_baseline=0.01,
-                     max_int8_accuracy_drop=0.02)
+    cfg = GateConfig(
+        min_accuracy=0.95, min_macro_f1=0.95, min_margin_over_baseline=0.01, max_int8_accuracy_drop=0.02
+    )
     assert statuses(threshold_checks(*reports(accuracy=0.9), cfg))["min_accuracy"] == "failed"
     assert statuses(threshold_checks(*reports(f1=0.9), cfg))["min_macro_f1"] == "failed"
     assert statuses(threshold_checks(*reports(baseline=0.975), cfg))["margin_over_baseline"] == "failed"

@@ -1,0 +1,86 @@
+"""Markdown for the Prefect artifacts of a flow run, built from the stage reports (pure functions)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def validation_markdown(report: dict) -> str:
+    """Every validation check: observed value, pass/fail, blocking or warning."""
+    rows = [
+        [
+            c["name"],
+            "pass" if c["passed"] else "**FAIL**",
+            "blocking" if c["blocking"] else "warning",
+            str(c["observed"])[:80],
+        ]
+        for c in report["checks"]
+    ]
+    summary = report["summary"]
+    return (
+        f"# Data validation: {'passed' if report['passed'] else 'FAILED'}\n\n"
+        f"{summary['files']} files, {summary['accepted']} accepted, {summary['quarantined']} quarantined "
+        f"({report['quarantine_reasons'] or 'none'}).\n\n"
+        + _table(["check", "result", "severity", "observed"], rows)
+    )
+
+
+def split_markdown(report: dict) -> str:
+    """Images per class per split."""
+    classes = sorted({label for counts in report["counts"].values() for label in counts})
+    rows = [
+        [label, *(report["counts"][name].get(label, 0) for name in ("train", "val", "test"))]
+        for label in classes
+    ]
+    rows.append(["**total**", *(report["totals"][name] for name in ("train", "val", "test"))])
+    return f"# Split (seed {report['seed']})\n\n" + _table(["class", "train", "val", "test"], rows)
+
+
+def metrics_markdown(metrics: dict) -> str:
+    """Headline test metrics."""
+    keys = [k for k, v in metrics.items() if isinstance(v, int | float)]
+    return "# Test metrics\n\n" + _table(["metric", "value"], [[k, f"{metrics[k]:.4f}"] for k in keys])
+
+
+def export_markdown(report: dict) -> str:
+    """The export table: variant, size, accuracy, latency, agreement."""
+    rows = [
+        [
+            variant,
+            row["size_bytes"],
+            f"{row['accuracy']:.4f}",
+            f"{row['latency_ms_median']:.3f}",
+            f"{row['agreement_with_keras']:.4f}",
+        ]
+        for variant, row in report["tflite"].items()
+    ]
+    saved = report["savedmodel"]
+    return (
+        "# Export\n\n"
+        + _table(["variant", "bytes", "accuracy", "median ms", "agreement"], rows)
+        + f"\n\nSavedModel `serving_default` (encoded bytes in): accuracy {saved['accuracy']:.4f}, "
+        f"agreement with Keras {saved['agreement_with_keras']:.4f}."
+    )
+
+
+def gate_markdown(report: dict) -> str:
+    """Every gate check with value, threshold and verdict."""
+    rows = [
+        [
+            name,
+            c["status"] if c["status"] != "failed" else "**failed**",
+            c["value"],
+            c["threshold"],
+            c["detail"],
+        ]
+        for name, c in report["checks"].items()
+    ]
+    return f"# Gate: {'passed' if report['passed'] else 'FAILED'}\n\n" + _table(
+        ["check", "status", "value", "threshold", "detail"], rows
+    )

@@ -1,0 +1,77 @@
+"""Deployments of the training and drift-check flows, with schedules from params.yaml.
+
+`python -m flows.deployments` registers both with the Prefect server named by
+PREFECT_API_URL (creating the process work pool if missing); a worker started
+with `prefect worker start --pool <work_pool>` then runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import RunnerDeployment
+
+from flows.retraining import drift_check_flow
+from flows.training import PROJECT_ROOT, training_flow
+from pipeline.config import OrchestrationConfig, load_config
+
+
+def build_deployments(cfg: OrchestrationConfig, root: Path = PROJECT_ROOT) -> list[RunnerDeployment]:
+    """The `training` and `drift-check` deployments.
+
+    Training has a concurrency limit of one with queueing, so two triggers
+    (a schedule and a drift alarm, say) never train at the same time.
+    """
+    training = training_flow.to_deployment(
+        name="training",
+        cron=cfg.training_cron,
+        concurrency_limit=ConcurrencyLimitConfig(
+            limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+        ),
+        parameters={"root": str(root)},
+        work_pool_name=cfg.work_pool,
+        description="The stage graph, ingest to register, as Prefect tasks",
+        tags=["training"],
+    )
+    drift = drift_check_flow.to_deployment(
+        name="drift-check",
+        cron=cfg.drift_check_cron,
+        concurrency_limit=1,
+        parameters={"root": str(root)},
+        work_pool_name=cfg.work_pool,
+        description="Checks new image batches for drift and retrains (placeholder for now)",
+        tags=["drift"],
+    )
+    for deployment in (training, drift):
+        for schedule in deployment.schedules or []:
+            schedule.schedule.timezone = cfg.timezone
+    return [training, drift]
+
+
+async def ensure_work_pool(name: str) -> None:
+    """Create the process work pool when the server does not have it yet."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            await client.read_work_pool(name)
+        except ObjectNotFound:
+            await client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+
+
+def register_deployments(root: Path = PROJECT_ROOT) -> list[str]:
+    """Create the work pool if needed and apply both deployments; returns their ids."""
+    cfg = load_config(root / "params.yaml", root).orchestration
+    asyncio.run(ensure_work_pool(cfg.work_pool))
+    return [
+        str(deployment.apply(work_pool_name=cfg.work_pool)) for deployment in build_deployments(cfg, root)
+    ]
+
+
+if __name__ == "__main__":
+    for deployment_id in register_deployments():
+        print(f"deployment {deployment_id}")

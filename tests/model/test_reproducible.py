@@ -1,0 +1,32 @@
+"""Fixed seeds: the same data and params train the same weights."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline import ingest, split, train, validate
+from tests.conftest import digit_images, write_tree
+
+pytestmark = pytest.mark.slow
+
+
+def test_training_twice_gives_identical_weights(tmp_path, make_config):
+    source = write_tree(tmp_path / "incoming", digit_images(per_class=20, classes=3))
+    cfg, paths = make_config(
+        {
+            "ingest": {"source": "folder", "folder": {"path": str(source)}},
+            "validate": {"min_images_per_class": 5},
+            "train": {"epochs": 2, "batch_size": 16},
+        }
+    )
+    ingest.run(cfg.ingest, paths)
+    validate.run(cfg.validate_, paths)
+    split.run(cfg.split, paths)
+
+    weights = []
+    for _ in range(2):
+        train.run(cfg, paths)
+        weights.append(keras.models.load_model(paths.keras_model).get_weights())
+    assert all(np.array_equal(a, b) for a, b in zip(*weights, strict=True))
