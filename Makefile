@@ -7,14 +7,16 @@ STAMP := $(VENV)/.installed-$(TF_EXTRA)
 export PATH := $(BIN):$(PATH)
 export GX_ANALYTICS_ENABLED := False
 
-.PHONY: run test install lint typecheck clean
+.PHONY: run repro deploy test install lint typecheck clean
 
-run: $(STAMP) ## create the venv if missing, install, run the pipeline on params.yaml
+run: $(STAMP) ## create the venv if missing, install, run the training flow on params.yaml
+	python -m flows.training
+
+repro: $(STAMP) ## the same stages without Prefect
 	dvc repro
-	@echo
-	@echo "reports:   reports/ (metrics.json, gate.json, export.json, validation.json, data_docs/index.html)"
-	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db  (http://127.0.0.1:5000)"
-	@echo "plots:     $(BIN)/dvc plots show  (writes dvc_plots/index.html)"
+
+deploy: $(STAMP) ## register the training and drift-check deployments with the Prefect server
+	python -m flows.deployments
 
 test: $(STAMP) ## run the test suite
 	python -m pytest

@@ -24,7 +24,10 @@ def build_deployments(cfg: OrchestrationConfig, root: Path = PROJECT_ROOT) -> li
     Training has a concurrency limit of one with queueing, so two triggers
     (a schedule and a drift alarm, say) never train at the same time.
     """
-    training = training_flow.to_deployment(
+    # from_source: the worker pulls the code from this folder (a set-working-directory step),
+    # so it runs the project in place, whatever folder the worker was started in.
+    source = str(root)
+    training = training_flow.from_source(source, "flows/training.py:training_flow").to_deployment(
         name="training",
         cron=cfg.training_cron,
         concurrency_limit=ConcurrencyLimitConfig(
@@ -35,7 +38,7 @@ def build_deployments(cfg: OrchestrationConfig, root: Path = PROJECT_ROOT) -> li
         description="The stage graph, ingest to register, as Prefect tasks",
         tags=["training"],
     )
-    drift = drift_check_flow.to_deployment(
+    drift = drift_check_flow.from_source(source, "flows/retraining.py:drift_check_flow").to_deployment(
         name="drift-check",
         cron=cfg.drift_check_cron,
         concurrency_limit=1,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import chdir
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,13 @@ STAGES: dict[str, Callable[[PipelineConfig, StagePaths], Any]] = {
 
 def is_up_to_date(root: Path, stage: str) -> bool:
     """True when `dvc status <stage>` reports nothing changed (deps, params, outs all match dvc.lock)."""
-    with Repo(str(root)) as repo:
+    with chdir(root), Repo(str(root)) as repo:  # DVC resolves some output paths against the cwd
         return not repo.status(targets=[stage])
 
 
 def record(root: Path, stage: str) -> None:
     """`dvc commit <stage>`: hash the stage's outputs into the cache and dvc.lock."""
-    with Repo(str(root)) as repo:
+    with chdir(root), Repo(str(root)) as repo:
         repo.commit(stage, force=True)
 
 

@@ -30,12 +30,28 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # resumes from its BackupAndRestore state instead of starting over.
 RETRIES = {"ingest": 2, "train": 1, "evaluate": 2, "export": 2, "register": 3}
 
+
+def transient_only(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry unexpected errors (a dropped connection, a full disk), never the pipeline's own verdicts.
+
+    A ConfigError, DataValidationError or GateFailed says the same thing on every try.
+    """
+    try:
+        state.result()
+    except PipelineError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
 STAGE_TASKS = {
     stage: task(
         run_stage,
         name=stage,
         retries=RETRIES.get(stage, 0),
         retry_delay_seconds=[2, 5, 15][: RETRIES.get(stage, 0)] or 0,
+        retry_condition_fn=transient_only,
     )
     for stage in STAGE_ORDER
 }
@@ -144,9 +160,11 @@ def training_flow(
         logger.info("params.yaml overrides: %s", requested)
     outcome = {}
     for stage in STAGE_ORDER:
-        outcome[stage] = STAGE_TASKS[stage](stage, project)
-        if stage in REPORT_ARTIFACTS:
-            publish_report(stage, project)
+        try:
+            outcome[stage] = STAGE_TASKS[stage](stage, project)
+        finally:  # a failed validation or gate still publishes the report that says why
+            if stage in REPORT_ARTIFACTS:
+                publish_report(stage, project)
         if stage == "train":
             publish_mlflow_link(project)
     logger.info("stages: %s", outcome)

@@ -82,3 +82,56 @@ def small_tree(tmp_path: Path) -> Path:
 def _isolated_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests use the project-local SQLite store under their own tmp root, never a shared server."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def sh(cwd: Path, *args: str, check: bool = True) -> str:
+    """Run a command with this venv's tools first on PATH; return stdout + stderr."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GX_ANALYTICS_ENABLED": "False",
+        "DVC_NO_ANALYTICS": "1",
+    }
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def copy_project(target: Path, params: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """The project's files as a fresh clone has them, in a new git repository at `target`.
+
+    Args:
+        target: an empty folder.
+        params: optional edit of params.yaml (as a dict) before the commit.
+    """
+    import shutil
+    import subprocess
+
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    for name in filter(None, listed):
+        if (REPO_ROOT / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, target / name)
+    if params is not None:  # round-trip edit, so params.yaml keeps its comments as a user's would
+        from ruamel.yaml import YAML
+
+        editor = YAML()
+        document = editor.load((target / "params.yaml").read_text())
+        params(document)
+        with (target / "params.yaml").open("w") as handle:
+            editor.dump(document, handle)
+    sh(target, "git", "init", "-q")
+    sh(target, "git", "add", "-A")
+    sh(target, "git", "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "clone")
+    return target

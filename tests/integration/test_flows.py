@@ -1,0 +1,148 @@
+"""The Prefect training flow on a real temporary Prefect server, agreeing with DVC."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.deployments import build_deployments
+from flows.training import training_flow
+from pipeline.config import load_config
+from pipeline.errors import DataValidationError
+from tests.conftest import copy_project, digit_images, sh, write_tree
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def small_project(target: Path, per_class: int = 40) -> Path:
+    """A git + DVC copy of the project whose source is a small digits tree next to it."""
+    source = write_tree(target.parent / f"{target.name}-images", digit_images(per_class=per_class))
+
+    def edit(params: dict) -> None:
+        params["ingest"].update({"source": "folder", "folder": {"path": str(source)}})
+        params["validate"]["min_images_per_class"] = 5
+        params["train"].update({"epochs": 10, "batch_size": 8, "early_stopping_patience": 10})
+        params["train"]["augment"] = {key: 0.0 for key in params["train"]["augment"]} | {"flip": "none"}
+        params["export"]["calibration_images"] = 20
+        params["gate"].update(
+            {
+                "min_accuracy": 0.5,
+                "min_macro_f1": 0.5,
+                "min_margin_over_baseline": -1.0,
+                "max_int8_accuracy_drop": 0.2,
+            }
+        )
+        params["mlflow"]["registered_model"] = "flow-test"
+
+    target.mkdir()
+    return copy_project(target, edit)
+
+
+def flow_run_artifacts(flow_run_id) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {artifact.key: artifact.data for artifact in found}
+
+
+def test_flow_runs_every_stage_and_dvc_agrees(tmp_path: Path):
+    root = small_project(tmp_path / "project")
+    state = training_flow(root=str(root), return_state=True)
+    assert state.is_completed(), state.message
+    assert set(state.result().values()) == {"ran"}
+
+    published = flow_run_artifacts(state.state_details.flow_run_id)
+    assert {"validation", "split-counts", "test-metrics", "export-table", "gate-checks", "mlflow-run"} <= set(
+        published
+    )
+    assert "| int8 |" in published["export-table"] and "min_accuracy" in published["gate-checks"]
+    run_id = json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
+    assert run_id in published["mlflow-run"]
+
+    assert "up to date" in sh(root, "dvc", "status")
+    assert "Running stage" not in sh(root, "dvc", "repro")
+
+    again = training_flow(root=str(root))
+    assert set(again.values()) == {"skipped"}
+
+
+def test_flow_parameter_overrides_land_in_params_and_mlflow(tmp_path: Path):
+    root = small_project(tmp_path / "project")
+    sh(root, "dvc", "repro", "split")
+    outcome = training_flow(
+        root=str(root),
+        epochs=3,
+        overrides={"train.batch_size": 16, "gate.min_accuracy": 0.0, "gate.min_macro_f1": 0.0},
+    )
+    assert outcome["train"] == "ran" and outcome["split"] == "skipped"
+
+    text = (root / "params.yaml").read_text()
+    assert "epochs: 3" in text and "# Prefect deployments" in text  # comments survive the edit
+    cfg = load_config(root / "params.yaml")
+    assert (cfg.train.epochs, cfg.train.batch_size) == (3, 16)
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    run = mlflow.get_run(json.loads((root / "models/mlflow_run.json").read_text())["run_id"])
+    assert run.data.params["train.epochs"] == "3" and run.data.params["train.batch_size"] == "16"
+    assert "up to date" in sh(root, "dvc", "status")
+
+
+def test_bad_override_fails_before_any_stage(tmp_path: Path):
+    root = small_project(tmp_path / "project", per_class=6)
+    state = training_flow(root=str(root), overrides={"train.epochz": 3}, return_state=True)
+    assert state.is_failed() and "override train.epochz: unknown key 'epochz'" in state.message
+    assert not (root / "data" / "manifest.csv").exists()
+
+
+def test_validation_failure_stops_the_flow_naming_the_class(tmp_path: Path):
+    root = small_project(tmp_path / "project", per_class=12)
+    lonely = tmp_path / "project-images" / "7"
+    lonely.mkdir()
+    shutil.copy(tmp_path / "project-images" / "0" / "img_000.png", lonely / "only.png")
+    (tmp_path / "project-images" / "0" / "img_000.png").unlink()
+
+    state = training_flow(root=str(root), return_state=True)
+    assert state.is_failed()
+    assert "class '7' has 1 usable image" in state.message
+    with pytest.raises(DataValidationError, match="class '7' has 1 usable image"):
+        state.result()
+    published = flow_run_artifacts(state.state_details.flow_run_id)
+    assert "**FAIL**" in published["validation"]
+    assert not (root / "data" / "splits").exists()
+
+
+def test_deployments_register_with_schedules_and_concurrency(tmp_path: Path):
+    from flows.deployments import ensure_work_pool
+    import asyncio
+
+    cfg = load_config().orchestration
+    deployments = {d.name: d for d in build_deployments(cfg)}
+    assert set(deployments) == {"training", "drift-check"}
+    asyncio.run(ensure_work_pool(cfg.work_pool))
+    for deployment in deployments.values():
+        deployment.apply(work_pool_name=cfg.work_pool)
+
+    with get_client(sync_client=True) as client:
+        training = client.read_deployment_by_name("training/training")
+        drift = client.read_deployment_by_name("drift-check/drift-check")
+        pool = client.read_work_pool(cfg.work_pool)
+    assert [s.schedule.cron for s in training.schedules] == [cfg.training_cron]
+    assert [s.schedule.cron for s in drift.schedules] == [cfg.drift_check_cron]
+    assert training.global_concurrency_limit.limit == 1
+    assert training.concurrency_options.collision_strategy == "ENQUEUE"
+    assert training.work_pool_name == drift.work_pool_name == cfg.work_pool and pool.type == "process"
+    assert training.entrypoint == "flows/training.py:training_flow"
+    assert training.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"]
