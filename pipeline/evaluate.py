@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 from sklearn.metrics import (
@@ -18,7 +19,6 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-import mlflow
 from pipeline import tracking
 from pipeline.config import PipelineConfig, StagePaths
 

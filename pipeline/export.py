@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import tensorflow as tf
 
-import mlflow
 from pipeline import tracking
 from pipeline.config import PipelineConfig, StagePaths
 from pipeline.train.data import decode_and_resize, load_images, read_split

@@ -7,9 +7,9 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import mlflow
 import numpy as np
 
-import mlflow
 from pipeline import tracking
 from pipeline.config import GateConfig, PipelineConfig, StagePaths
 

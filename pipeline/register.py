@@ -6,10 +6,10 @@ import json
 import logging
 from dataclasses import dataclass
 
+import mlflow
 import numpy as np
 from mlflow.models import infer_signature
 
-import mlflow
 from pipeline import tracking
 from pipeline.config import MlflowConfig, PipelineConfig, StagePaths
 from pipeline.errors import GateFailed, PipelineError

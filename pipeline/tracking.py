@@ -11,9 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import yaml
 
-import mlflow
 from pipeline.config import MlflowConfig, PipelineConfig, StagePaths
 from pipeline.errors import PipelineError
 

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import mlflow
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
-import mlflow
 from pipeline import tracking
 from pipeline.config import PipelineConfig, StagePaths, TrainConfig
 from pipeline.train.callbacks import training_callbacks

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import keras
-
 import mlflow
+
 from pipeline.config import TrainConfig
 
 

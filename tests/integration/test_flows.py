@@ -125,8 +125,9 @@ def test_validation_failure_stops_the_flow_naming_the_class(tmp_path: Path):
 
 
 def test_deployments_register_with_schedules_and_concurrency(tmp_path: Path):
-    from flows.deployments import ensure_work_pool
     import asyncio
+
+    from flows.deployments import ensure_work_pool
 
     cfg = load_config().orchestration
     deployments = {d.name: d for d in build_deployments(cfg)}

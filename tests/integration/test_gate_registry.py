@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import mlflow
 import pytest
 
-import mlflow
 from pipeline import baseline, evaluate, export, gate, ingest, register, split, train, validate
 from pipeline.errors import GateFailed
 from pipeline.register import rollback

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 
 import keras
+import mlflow
 import pandas as pd
 import pytest
 
-import mlflow
 from pipeline import train
 from pipeline.tracking import read_run_id
 from tests.model.conftest import local_tracking

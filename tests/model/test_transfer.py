@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import keras
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-import mlflow
 from pipeline import train
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
