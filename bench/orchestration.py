@@ -1,0 +1,113 @@
+"""Orchestration overhead: one pipeline as plain stage functions, as `dvc repro`, and as the Prefect flow.
+
+Each variant runs from scratch in its own fresh copy of the project (same
+params, same embedded data, empty MLflow store), as a separate process, so
+start-up costs count. Prints wall times and the ratios to the plain functions,
+all measured in this one run. Not part of the test suite.
+
+    .venv/bin/python bench/orchestration.py [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PLAIN = """
+from pathlib import Path
+from flows.stages import STAGE_ORDER, STAGES
+from pipeline.config import StagePaths, load_config
+root = Path.cwd()
+cfg = load_config(root / "params.yaml", root)
+paths = StagePaths.from_config(cfg.paths, root)
+for stage in STAGE_ORDER:
+    STAGES[stage](cfg, paths)
+"""
+
+VARIANTS = {
+    "plain functions": [sys.executable, "-c", PLAIN],
+    "dvc repro": [str(Path(sys.executable).parent / "dvc"), "repro"],
+    "prefect flow": [sys.executable, "-m", "flows.training"],
+}
+
+
+def fresh_copy(target: Path) -> Path:
+    """The tracked project files in a new git repository (DVC needs one)."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for name in files.splitlines():
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, target / name)
+    for command in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.email=b@b", "-c", "user.name=b", "commit", "-qm", "bench"],
+    ):
+        subprocess.run(command, cwd=target, check=True)
+    return target
+
+
+def timed(command: list[str], cwd: Path, env: dict[str, str]) -> float:
+    """Wall seconds of one command; fails loudly if it fails."""
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:2])} failed in {cwd}:\n{done.stderr[-3000:]}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=1, help="full runs per variant (median is reported)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-orchestration-") as scratch:
+        env = {
+            **os.environ,
+            "PREFECT_HOME": str(Path(scratch) / "prefect-home"),
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "GX_ANALYTICS_ENABLED": "False",
+            "DVC_NO_ANALYTICS": "1",
+        }
+        env.pop("MLFLOW_TRACKING_URI", None)
+        # Prefect creates its database on first use; do that before timing, as a user's install has it.
+        warm = fresh_copy(Path(scratch) / "warm-up")
+        warm_up = "from flows.retraining import drift_check_flow; drift_check_flow()"
+        timed([sys.executable, "-c", warm_up], warm, env)
+
+        results: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        noop: dict[str, float] = {}
+        for repeat in range(args.repeats):
+            for name, command in VARIANTS.items():
+                project = fresh_copy(Path(scratch) / f"{name.replace(' ', '-')}-{repeat}")
+                (project / "dvc.lock").unlink(missing_ok=True)  # from scratch: nothing up to date
+                results[name].append(timed(command, project, env))
+                print(f"{name:16s} run {repeat + 1}: {results[name][-1]:7.1f} s", flush=True)
+                if name != "plain functions" and repeat == 0:
+                    noop[name] = timed(command, project, env)
+
+    median = {name: sorted(times)[len(times) // 2] for name, times in results.items()}
+    base = median["plain functions"]
+    print(f"\nmachine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
+    print("workload: embedded digits, params.yaml defaults, every stage from scratch")
+    print(f"{'variant':16s} | {'wall s':>7s} | ratio to plain")
+    print(f"{'-' * 16}-+-{'-' * 7}-+-{'-' * 14}")
+    for name, seconds in median.items():
+        print(f"{name:16s} | {seconds:7.1f} | {seconds / base:6.3f}")
+    print("\nsecond run with nothing changed (all stages skipped):")
+    for name, seconds in noop.items():
+        print(f"{name:16s} | {seconds:7.1f} s")
+    overhead = median["prefect flow"] / base - 1
+    print(f"\nprefect flow overhead vs plain functions: {overhead:+.1%} (target: at most +10%)")
+
+
+if __name__ == "__main__":
+    main()
