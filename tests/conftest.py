@@ -49,6 +49,16 @@ def tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
+def merge(into: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Nested-dict merge of `extra` into `into` (in place); returns `into`."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
 @pytest.fixture
 def make_config(tmp_path: Path) -> Callable[..., tuple[PipelineConfig, StagePaths]]:
     """Build (cfg, paths) rooted at tmp_path from the repo's params.yaml plus overrides.
@@ -56,14 +66,6 @@ def make_config(tmp_path: Path) -> Callable[..., tuple[PipelineConfig, StagePath
     Overrides are nested dicts merged into params, e.g. {"split": {"seed": 7}}.
     """
     base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-
-    def merge(into: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-        for key, value in extra.items():
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = value
-        return into
 
     def build(overrides: dict[str, Any] | None = None) -> tuple[PipelineConfig, StagePaths]:
         cfg = parse_config(merge(yaml.safe_load(yaml.safe_dump(base)), overrides or {}))

@@ -21,7 +21,7 @@ import yaml
 
 from pipeline import ingest, split, train, validate
 from pipeline.config import PipelineConfig, StagePaths, parse_config
-from tests.conftest import REPO_ROOT, digit_images, write_tree
+from tests.conftest import REPO_ROOT, digit_images, merge, write_tree
 
 # 3 classes x 40 distinct digits, 32x32 PNGs; 20 % of them (24 images) form the test split.
 CLASSES = 3
@@ -44,16 +44,6 @@ BASE_OVERRIDES: dict[str, Any] = {
     "export": {"calibration_images": 30},
     "evaluate": {"latency_images": 5},
 }
-
-
-def merge(into: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Nested-dict merge of `extra` into `into` (in place); returns `into`."""
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            merge(into[key], value)
-        else:
-            into[key] = value
-    return into
 
 
 def build_config(root: Path, *overrides: dict[str, Any]) -> tuple[PipelineConfig, StagePaths]:
