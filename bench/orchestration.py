@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,7 +121,7 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=30)
 
-    median = {name: sorted(times)[len(times) // 2] for name, times in results.items()}
+    median = {name: statistics.median(times) for name, times in results.items()}
     base = median["plain functions"]
     print(f"\nmachine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
     print("workload: embedded digits, params.yaml defaults, every stage from scratch")
