@@ -46,12 +46,18 @@ VARIANTS = {
 SERVER_PORT = 4263
 
 
-def fresh_copy(target: Path) -> Path:
-    """The tracked project files in a new git repository (DVC needs one)."""
+def snapshot(target: Path) -> Path:
+    """The tracked project files as they are now, taken once so edits during the run change nothing."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     for name in files.splitlines():
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, target / name)
+    return target
+
+
+def fresh_copy(source: Path, target: Path) -> Path:
+    """A copy of the snapshot in a new git repository (DVC needs one)."""
+    shutil.copytree(source, target)
     for command in (
         ["git", "init", "-q"],
         ["git", "add", "-A"],
@@ -97,10 +103,13 @@ def main() -> None:
             "TF_CPP_MIN_LOG_LEVEL": "2",
             "GX_ANALYTICS_ENABLED": "False",
             "DVC_NO_ANALYTICS": "1",
+            # dvc repro runs `python -m pipeline ...`: the project's interpreter, as in an activated venv
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         }
         env.pop("MLFLOW_TRACKING_URI", None)
         # Prefect creates its database on first use; do that before timing, as a user's install has it.
-        warm = fresh_copy(Path(scratch) / "warm-up")
+        source = snapshot(Path(scratch) / "snapshot")
+        warm = fresh_copy(source, Path(scratch) / "warm-up")
         warm_up = "from flows.retraining import drift_check_flow; drift_check_flow()"
         timed([sys.executable, "-c", warm_up], warm, env)
 
@@ -111,7 +120,7 @@ def main() -> None:
         try:
             for repeat in range(args.repeats):
                 for number, (name, (command, use_server)) in enumerate(VARIANTS.items()):
-                    project = fresh_copy(Path(scratch) / f"variant{number}-{repeat}")
+                    project = fresh_copy(source, Path(scratch) / f"variant{number}-{repeat}")
                     (project / "dvc.lock").unlink(missing_ok=True)  # from scratch: nothing up to date
                     results[name].append(timed(command, project, served if use_server else env))
                     print(f"{name:18s} run {repeat + 1}: {results[name][-1]:7.1f} s", flush=True)
