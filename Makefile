@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(TF_EXTRA)
 export PATH := $(BIN):$(PATH)
 export GX_ANALYTICS_ENABLED := False
 
-.PHONY: run repro deploy test install lint typecheck clean
+.PHONY: run repro deploy drift-check drift-demo test install lint typecheck clean
 
 run: $(STAMP) ## create the venv if missing, install, run the training flow on params.yaml
 	python -m flows.training
@@ -17,6 +17,13 @@ repro: $(STAMP) ## the same stages without Prefect
 
 deploy: $(STAMP) ## register the training and drift-check deployments with the Prefect server
 	python -m flows.deployments
+
+drift-check: $(STAMP) ## check the landing area for drift once, now (what the drift-check deployment runs)
+	python -m flows.retraining
+
+drift-demo: $(STAMP) ## land a brightened batch of digits and run the drift-check flow once
+	python -m flows.training
+	python -m flows.drift_demo
 
 test: $(STAMP) ## run the test suite
 	python -m pytest
@@ -37,5 +44,5 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	mypy
 
-clean: ## remove pipeline outputs (not the raw source, not the venv)
-	rm -rf data reports models
+clean: ## remove pipeline outputs (not the accepted batches in data/batches, not the venv)
+	rm -rf data/raw data/manifest.csv data/quarantine.csv data/splits reports models

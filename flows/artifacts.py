@@ -84,3 +84,34 @@ def gate_markdown(report: dict) -> str:
     return f"# Gate: {'passed' if report['passed'] else 'FAILED'}\n\n" + _table(
         ["check", "status", "value", "threshold", "detail"], rows
     )
+
+
+def drift_markdown(report: dict) -> str:
+    """One drift check: every detector's statistic, p-value, threshold and verdict."""
+    rows = [
+        [
+            d["name"],
+            f"{d['statistic']:.4g}",
+            f"{d['p_value']:.4g}",
+            f"{d['threshold']:.4g}",
+            "**DRIFT**" if d["drift"] else "ok",
+            d["detail"],
+        ]
+        for d in report["detectors"]
+    ]
+    return (
+        f"# Drift check of batch `{report['batch']}`: {'DRIFT' if report['drift'] else 'no drift'}\n\n"
+        f"{report['images']} images ({'labelled' if report['labelled'] else 'unlabelled'}) against "
+        f"{report['champion']}; family-wise alpha {report['alpha']}.\n\n"
+        + _table(["detector", "statistic", "p-value", "threshold", "verdict", "detail"], rows)
+    )
+
+
+def retraining_markdown(summary: dict) -> str:
+    """What one drift-check run did with each batch, and whether it retrained."""
+    rows = [[name, outcome] for name, outcome in summary["batches"].items()] or [["(none)", "no ready batch"]]
+    return (
+        f"# Drift check: {summary['status']}\n\n"
+        f"Champion: {summary.get('champion') or 'none'}. Decision: {summary.get('decision', '-')}. "
+        f"Training: {summary.get('training', '-')}.\n\n" + _table(["batch", "outcome"], rows)
+    )

@@ -44,7 +44,7 @@ def build_deployments(cfg: OrchestrationConfig, root: Path = PROJECT_ROOT) -> li
         concurrency_limit=1,
         parameters={"root": str(root)},
         work_pool_name=cfg.work_pool,
-        description="Checks new image batches for drift and retrains (placeholder for now)",
+        description="Checks new image batches for drift; retrains, gates and promotes when they drifted",
         tags=["drift"],
     )
     for deployment in (training, drift):

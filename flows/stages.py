@@ -15,12 +15,23 @@ from typing import Any
 
 from dvc.repo import Repo
 
-from pipeline import baseline, evaluate, export, gate, ingest, register, split, train, validate
+from pipeline import baseline, evaluate, export, gate, ingest, profile, register, split, train, validate
 from pipeline.config import PipelineConfig, StagePaths, load_config
 
 log = logging.getLogger(__name__)
 
-STAGE_ORDER = ("ingest", "validate", "split", "baseline", "train", "evaluate", "export", "gate", "register")
+STAGE_ORDER = (
+    "ingest",
+    "validate",
+    "split",
+    "baseline",
+    "train",
+    "evaluate",
+    "reference",
+    "export",
+    "gate",
+    "register",
+)
 
 STAGES: dict[str, Callable[[PipelineConfig, StagePaths], Any]] = {
     "ingest": lambda cfg, paths: ingest.run(cfg.ingest, paths),
@@ -29,6 +40,7 @@ STAGES: dict[str, Callable[[PipelineConfig, StagePaths], Any]] = {
     "baseline": lambda cfg, paths: baseline.run(cfg.baseline, paths),
     "train": train.run,
     "evaluate": evaluate.run,
+    "reference": profile.run,
     "export": export.run,
     "gate": gate.run,
     "register": register.run,
@@ -47,17 +59,18 @@ def record(root: Path, stage: str) -> None:
         repo.commit(stage, force=True)
 
 
-def run_stage(stage: str, root: Path) -> str:
+def run_stage(stage: str, root: Path, force: bool = False) -> str:
     """Run `stage` unless DVC says it is up to date; record it in DVC when it ran.
 
     Args:
         stage: a stage name from dvc.yaml.
         root: the project root (a DVC repository).
+        force: run even when up to date (as `dvc repro --force <stage>`).
 
     Returns:
         'skipped' or 'ran'.
     """
-    if is_up_to_date(root, stage):
+    if not force and is_up_to_date(root, stage):
         log.info("%s: up to date (dvc status), skipped", stage)
         return "skipped"
     params = root / "params.yaml"

@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows import artifacts
+from flows.locks import file_lock
 from flows.stages import STAGE_ORDER, run_stage
 from pipeline.config import load_config, parse_config, with_overrides
 from pipeline.errors import PipelineError
@@ -28,7 +29,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Retries only where a retry can help: I/O and tracking-server calls. A failed
 # validation, split or gate fails the same way every time. A retried train
 # resumes from its BackupAndRestore state instead of starting over.
-RETRIES = {"ingest": 2, "train": 1, "evaluate": 2, "export": 2, "register": 3}
+RETRIES = {"ingest": 2, "train": 1, "evaluate": 2, "reference": 2, "export": 2, "register": 3}
 
 
 def transient_only(task: Any, task_run: Any, state: Any) -> bool:
@@ -140,14 +141,19 @@ def training_flow(
     model: str | None = None,
     overrides: dict[str, Any] | None = None,
     root: str | None = None,
+    force: list[str] | None = None,
 ) -> dict[str, str]:
-    """ingest -> validate -> split -> baseline -> train -> evaluate -> export -> gate -> register.
+    """The stage graph: ingest, validate, split, baseline, train, evaluate, reference, export, gate, register.
+
+    Two runs on one project never overlap: the second waits for the first,
+    then finds its stages up to date.
 
     Args:
         epochs: override `train.epochs`.
         model: override `train.model`.
         overrides: any other params as dotted keys, e.g. {"split.seed": 7}.
         root: the project root (default: this repository).
+        force: stages to run even when DVC says they are up to date (as `dvc repro --force`).
 
     Returns:
         Each stage's outcome: 'ran' or 'skipped' (up to date in DVC).
@@ -155,18 +161,19 @@ def training_flow(
     logger = get_run_logger()
     project = Path(root).resolve() if root else PROJECT_ROOT
     requested = requested_overrides(epochs, model, overrides)
-    if requested:
-        apply_overrides(project / "params.yaml", requested)
-        logger.info("params.yaml overrides: %s", requested)
     outcome = {}
-    for stage in STAGE_ORDER:
-        try:
-            outcome[stage] = STAGE_TASKS[stage](stage, project)
-        finally:  # a failed validation or gate still publishes the report that says why
-            if stage in REPORT_ARTIFACTS:
-                publish_report(stage, project)
-        if stage == "train":
-            publish_mlflow_link(project)
+    with file_lock(project / ".cache" / "training.lock", wait=True):
+        if requested:
+            apply_overrides(project / "params.yaml", requested)
+            logger.info("params.yaml overrides: %s", requested)
+        for stage in STAGE_ORDER:
+            try:
+                outcome[stage] = STAGE_TASKS[stage](stage, project, stage in (force or []))
+            finally:  # a failed validation or gate still publishes the report that says why
+                if stage in REPORT_ARTIFACTS:
+                    publish_report(stage, project)
+            if stage == "train":
+                publish_mlflow_link(project)
     logger.info("stages: %s", outcome)
     return outcome
 

@@ -81,6 +81,14 @@ def evaluate(params: ParamsOption = Path("params.yaml")) -> None:
 
 
 @app.command()
+def reference(params: ParamsOption = Path("params.yaml")) -> None:
+    """Compute the drift reference profile of the trained model on the validation split."""
+    from pipeline import profile as stage
+
+    _run_stage(params, stage.run)
+
+
+@app.command()
 def baseline(params: ParamsOption = Path("params.yaml")) -> None:
     """Fit and score the HOG + PCA + SVM baseline."""
     from pipeline import baseline as stage

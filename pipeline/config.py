@@ -35,6 +35,8 @@ class PathsConfig(Section):
     reports: Path = Path("reports")
     models: Path = Path("models")
     train_backup: Path = Path(".cache/train_backup")
+    batches: Path = Path("data/batches")
+    reference: Path = Path("models/reference")
 
 
 class EmbeddedSource(Section):
@@ -218,6 +220,54 @@ class OrchestrationConfig(Section):
     timezone: str = "UTC"
 
 
+class FeatureTestConfig(Section):
+    """Per-feature two-sample tests on the image statistics."""
+
+    test: Literal["ks", "cvm"] = "ks"  # Kolmogorov-Smirnov or Cramer-von Mises
+    weight: float = Field(1.0, ge=0.0)
+
+
+class EmbeddingTestConfig(Section):
+    """Kernel MMD on the model's penultimate-layer embeddings."""
+
+    dim: int = Field(16, ge=1, le=256)  # PCA components kept from the embeddings
+    permutations: int = Field(500, ge=50)
+    max_reference: int = Field(2000, ge=50)  # a random subset of a larger reference keeps a check fast
+    weight: float = Field(1.0, ge=0.0)
+
+
+class DetectorWeight(Section):
+    """A detector with nothing to set but its share of the significance level."""
+
+    weight: float = Field(1.0, ge=0.0)
+
+
+class AccuracyTestConfig(Section):
+    """Accuracy on a labelled batch against the model's test accuracy."""
+
+    min_drop: float = Field(0.05, ge=0.0, le=1.0)  # smaller drops are not alarms, however significant
+    weight: float = Field(1.0, ge=0.0)
+
+
+class DriftConfig(Section):
+    """Drift checks on new batches and when they retrain (flows/retraining.py)."""
+
+    landing: Path = Path("data/landing")  # new batches: <landing>/<batch>/<class>/<image> or /<image>
+    archive: Path = Path("data/landing_archive")  # checked batches are moved here, never deleted
+    settle_seconds: float = Field(60.0, ge=0.0)  # a batch is ready when no file changed for this long
+    alpha: float = Field(0.1, gt=0.0, lt=1.0)  # family-wise level, split across the detectors that run
+    seed: int = 0
+    image_stats: FeatureTestConfig = FeatureTestConfig()
+    embeddings: EmbeddingTestConfig = EmbeddingTestConfig()
+    softmax: DetectorWeight = DetectorWeight()
+    predicted_labels: DetectorWeight = DetectorWeight()
+    true_labels: DetectorWeight = DetectorWeight()
+    accuracy: AccuracyTestConfig = AccuracyTestConfig()
+    min_batch_images: int = Field(50, ge=1)  # labelled images a drifted batch needs to be trained on
+    cooldown_hours: float = Field(24.0, ge=0.0)  # no retraining sooner than this after the last one
+    max_model_age_days: float = Field(30.0, gt=0.0)  # retrain without drift when the champion is older
+
+
 class PipelineConfig(Section):
     """The whole of params.yaml."""
 
@@ -232,6 +282,7 @@ class PipelineConfig(Section):
     gate: GateConfig = GateConfig()
     mlflow: MlflowConfig = MlflowConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    drift: DriftConfig = DriftConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -248,6 +299,8 @@ class StagePaths:
     reports: Path
     models: Path
     train_backup: Path
+    batches: Path
+    reference: Path
 
     @classmethod
     def from_config(cls, paths: PathsConfig, root: Path) -> StagePaths:
@@ -262,6 +315,8 @@ class StagePaths:
             reports=root / paths.reports,
             models=root / paths.models,
             train_backup=root / paths.train_backup,
+            batches=root / paths.batches,
+            reference=root / paths.reference,
         )
 
     @property

@@ -14,6 +14,7 @@ from pipeline import tracking
 from pipeline.config import MlflowConfig, PipelineConfig, StagePaths
 from pipeline.errors import GateFailed, PipelineError
 from pipeline.gate import CHALLENGER, CHAMPION, champion_version
+from pipeline.profile import REFERENCE_ARTIFACT
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,10 @@ def tag_version(
             f"{check['status']} (value {check['value']}, threshold {check['threshold']})",
         )
     client.set_model_version_tag(model_name, version, "class_names", json.dumps(class_names))
+    run_id = client.get_model_version(model_name, version).run_id
+    client.set_model_version_tag(
+        model_name, version, "drift_reference", f"runs:/{run_id}/{REFERENCE_ARTIFACT}"
+    )
 
 
 def run(cfg: PipelineConfig, paths: StagePaths) -> RegisterResult:

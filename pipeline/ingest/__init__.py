@@ -8,6 +8,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 from tqdm import tqdm
@@ -15,7 +16,13 @@ from tqdm import tqdm
 from pipeline.config import IngestConfig, StagePaths
 from pipeline.errors import ConfigError
 from pipeline.ingest.images import inspect_image
-from pipeline.ingest.sources import SourceFile, class_folder_tree, embedded_digits, tfds_dataset
+from pipeline.ingest.sources import (
+    SourceFile,
+    accepted_batches,
+    class_folder_tree,
+    embedded_digits,
+    tfds_dataset,
+)
 from pipeline.manifest import ManifestRow, write_manifest
 
 log = logging.getLogger(__name__)
@@ -68,7 +75,7 @@ def ingest_files(
 
 
 def run(cfg: IngestConfig, paths: StagePaths) -> IngestResult:
-    """Ingest the configured source.
+    """Ingest the configured source, plus the batches accepted into `paths.batches`.
 
     The new tree is assembled in a staging folder and swapped in whole, so a
     failed ingest never leaves a half-written `raw` folder. The source itself
@@ -82,6 +89,10 @@ def run(cfg: IngestConfig, paths: StagePaths) -> IngestResult:
         Counts of what was ingested.
     """
     total, files = open_source(cfg, paths)
+    batch_total, batch_files = accepted_batches(paths.batches)
+    if batch_total:
+        log.info("adding %d files from accepted batches in %s", batch_total, paths.relative(paths.batches))
+    total, files = total + batch_total, chain(files, batch_files)
     paths.raw.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".ingest-", dir=paths.raw.parent))
     try:

@@ -90,6 +90,35 @@ def class_folder_tree(folder: Path) -> tuple[int, Iterator[SourceFile]]:
     return len(found), files()
 
 
+def accepted_batches(folder: Path) -> tuple[int, Iterator[SourceFile]]:
+    """Batches the drift-check flow accepted for training: <folder>/<batch>/<class>/<file>.
+
+    Each lands as <class>/<batch>__<file>, so its names never clash with the
+    source's. Every batch is versioned by its own `<batch>.dvc` file.
+
+    Raises:
+        IngestError: when a batch's .dvc file is there but its images are not
+            (a clone that has not run `dvc pull`).
+    """
+    if not folder.is_dir():
+        return 0, iter(())
+    for dvc_file in sorted(folder.glob("*.dvc")):
+        if not (folder / dvc_file.stem).is_dir():
+            raise IngestError(
+                f"{dvc_file}: batch '{dvc_file.stem}' is versioned but its images are missing; "
+                f"run `dvc pull {dvc_file}` (or `dvc checkout {dvc_file}`) first"
+            )
+    batches = [b for b in sorted(folder.iterdir()) if b.is_dir() and not b.name.startswith(".")]
+    trees = [class_folder_tree(batch) for batch in batches]
+
+    def files() -> Iterator[SourceFile]:
+        for batch, (_, tree) in zip(batches, trees, strict=True):
+            for item in tree:
+                yield SourceFile(item.label, f"{batch.name}__{item.name}", item.data)
+
+    return sum(count for count, _ in trees), files()
+
+
 def tfds_dataset(cfg: TfdsSource, data_dir: Path) -> tuple[int, Iterator[SourceFile]]:
     """A TensorFlow Datasets image-classification split, written out as PNGs.
 

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import ingest
 from pipeline.errors import ConfigError, IngestError
-from tests.conftest import tree_digest
+from tests.conftest import digit_images, tree_digest, write_tree
 
 
 def test_embedded_digits_are_deterministic(make_config):
@@ -114,4 +114,21 @@ def test_tfds_missing_dataset_says_what_to_do(make_config, tmp_path: Path):
     with pytest.raises(
         IngestError, match=r"ingest\.tfds\.name: cannot load TFDS dataset 'tiny_shapes'.*tfds build"
     ):
+        ingest.run(cfg.ingest, paths)
+
+
+def test_accepted_batches_join_the_source_under_their_own_names(make_config, small_tree: Path):
+    cfg, paths = make_config({"ingest": {"source": "folder", "folder": {"path": str(small_tree)}}})
+    write_tree(paths.batches / "bright-1", digit_images(per_class=4, classes=2))
+    (paths.batches / "README.md").write_text("accepted batches land here")
+    result = ingest.run(cfg.ingest, paths)
+    assert result.classes == {"0": 24, "1": 24, "2": 20}
+    assert (paths.raw / "0" / "bright-1__img_003.png").is_file()
+
+
+def test_a_versioned_batch_without_its_images_says_to_pull(make_config, small_tree: Path):
+    cfg, paths = make_config({"ingest": {"source": "folder", "folder": {"path": str(small_tree)}}})
+    paths.batches.mkdir(parents=True)
+    (paths.batches / "b7.dvc").write_text("outs:\n- path: b7\n")
+    with pytest.raises(IngestError, match=r"b7\.dvc.*dvc pull"):
         ingest.run(cfg.ingest, paths)
