@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,13 +70,18 @@ def pixels_of(files: Sequence[Path], image_size: int) -> np.ndarray:
     return load_images(frame, Path("/"), image_size)
 
 
+# One two-output view per model: a new view per batch would retrace its predict function every time.
+_TWO_OUTPUT_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def model_outputs(model, pixels: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Penultimate-layer embeddings (the input of the softmax layer) and softmax outputs."""
     import keras
 
-    head = model.get_layer("probabilities")
-    both = keras.Model(model.inputs, [head.input, model.output])
-    embeddings, probabilities = both.predict(pixels, batch_size=batch_size, verbose=0)
+    if model not in _TWO_OUTPUT_VIEWS:
+        head = model.get_layer("probabilities")
+        _TWO_OUTPUT_VIEWS[model] = keras.Model(model.inputs, [head.input, model.output])
+    embeddings, probabilities = _TWO_OUTPUT_VIEWS[model].predict(pixels, batch_size=batch_size, verbose=0)
     return np.asarray(embeddings, dtype=np.float64), np.asarray(probabilities, dtype=np.float64)
 
 
