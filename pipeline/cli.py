@@ -65,8 +65,21 @@ def split(params: ParamsOption = Path("params.yaml")) -> None:
 
 
 @app.command()
-def train(params: ParamsOption = Path("params.yaml")) -> None:
+def train(
+    params: ParamsOption = Path("params.yaml"),
+    workers: Annotated[
+        int, typer.Option("--workers", help="start N local workers (MultiWorkerMirroredStrategy)")
+    ] = 0,
+) -> None:
     """Train the configured model; starts the pipeline's MLflow run."""
+    if workers:
+        from pipeline.train.launch import launch
+
+        def run_workers(cfg: PipelineConfig, paths: StagePaths) -> dict[str, str]:
+            return launch(params, workers, cfg.train.distribution)
+
+        _run_stage(params, run_workers)
+        return
     from pipeline import train as stage
 
     _run_stage(params, stage.run)

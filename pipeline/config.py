@@ -147,9 +147,13 @@ class TrainConfig(Section):
     model: ModelName = "small_cnn"
     weights: str = "none"
     image_size: int = Field(32, ge=8, le=1024)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)  # per replica: the global batch is this times the replicas
     epochs: int = Field(30, ge=1)
-    learning_rate: float = Field(1e-3, gt=0.0)
+    learning_rate: float = Field(1e-3, gt=0.0)  # for one replica; scaled by lr_scaling
+    distribution: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
+    lr_scaling: Literal["none", "linear", "sqrt"] = "linear"
+    mixed_precision: Literal["auto", "on", "off"] = "auto"
+    jit_compile: bool = False
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     fine_tune: FineTuneConfig = FineTuneConfig()
     early_stopping_patience: int = Field(6, ge=1)

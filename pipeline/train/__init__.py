@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import shutil
@@ -18,8 +19,11 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from pipeline import tracking
 from pipeline.config import PipelineConfig, StagePaths, TrainConfig
+from pipeline.train import distribute
 from pipeline.train.callbacks import training_callbacks
 from pipeline.train.data import augmentation, class_names_of, image_dataset, read_split, write_class_names
+from pipeline.train.distribute import Distribution
+from pipeline.train.loop import fit_multi_worker
 from pipeline.train.models import BuiltModel, build_model, unfreeze_top
 
 log = logging.getLogger(__name__)
@@ -67,11 +71,71 @@ def history_frame(backup: Path) -> pd.DataFrame:
     return history[["epoch", "phase", *[c for c in history.columns if c not in {"epoch", "phase"}]]]
 
 
-def _compile(model: keras.Model, learning_rate: float) -> None:
+def _compile(model: keras.Model, learning_rate: float, jit_compile: bool) -> None:
+    # Under a mixed_float16 policy Keras wraps the optimizer in a LossScaleOptimizer itself.
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        jit_compile=jit_compile,
+    )
+
+
+def weights_digest(model: keras.Model) -> str:
+    """sha256 over all weights: workers of one job must end with the same."""
+    digest = hashlib.sha256()
+    for weights in model.get_weights():
+        digest.update(np.ascontiguousarray(weights).tobytes())
+    return digest.hexdigest()
+
+
+def float32_copy(model: keras.Model, cfg: TrainConfig, num_classes: int, root: Path) -> keras.Model:
+    """The same network under the float32 policy, with the trained weights.
+
+    Mixed-precision training keeps its variables in float32, so nothing is
+    lost; the saved model then evaluates, serves and converts to TFLite
+    exactly like a float32-trained one.
+    """
+    keras.mixed_precision.set_global_policy("float32")
+    twin = build_model(cfg.model_copy(update={"weights": "none"}), num_classes, root).model
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def _fit(
+    model: keras.Model,
+    dist: Distribution,
+    cfg: TrainConfig,
+    train: tf.data.Dataset,
+    val: tf.data.Dataset,
+    *,
+    epochs: int,
+    initial_epoch: int,
+    class_weight: dict[int, float] | None,
+    callbacks: Sequence[keras.callbacks.Callback],
+) -> None:
+    """`model.fit`, or the multi-worker loop where Keras 3's fit cannot run."""
+    if dist.multi_worker:
+        fit_multi_worker(
+            model,
+            dist.strategy,
+            train,
+            val,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            class_weight=class_weight,
+            callbacks=callbacks,
+            jit_compile=cfg.jit_compile,
+        )
+        return
+    model.fit(
+        train,
+        validation_data=val,
+        initial_epoch=initial_epoch,
+        epochs=epochs,
+        class_weight=class_weight,
+        callbacks=list(callbacks),
+        verbose=2,
     )
 
 
@@ -83,53 +147,62 @@ def fit_phases(
     backup: Path,
     paths: StagePaths,
     weights: dict[int, float] | None,
+    dist: Distribution,
     extra: Sequence[keras.callbacks.Callback] = (),
 ) -> None:
     """Train: one phase for the small CNN; head then fine-tuning for transfer models.
 
     A finished head phase is saved under `backup`, so a run killed during
-    fine-tuning resumes there instead of redoing the head.
+    fine-tuning resumes there instead of redoing the head. Only the chief
+    writes checkpoints and TensorBoard logs where users look; other workers
+    keep theirs under `backup`.
     """
-    checkpoint = paths.models / "keras" / "checkpoint.keras"
-    tensorboard = paths.reports / "tensorboard"
+    scratch = paths.models if dist.chief else backup
+    checkpoint = scratch / "keras" / "checkpoint.keras"
+    tensorboard = paths.reports / "tensorboard" if dist.chief else None
     model, base = built.model, built.base
     first_phase = "train" if base is None else "head"
     head_done = backup / "head.weights.h5"
     if base is not None:
         base.trainable = False
-    _compile(model, cfg.learning_rate)
+    _compile(model, dist.learning_rate, cfg.jit_compile)
     if head_done.is_file():
         log.info("head phase already finished in an earlier run; loading %s", head_done)
         model.load_weights(head_done)
     else:
-        callbacks = training_callbacks(cfg, first_phase, backup, checkpoint, tensorboard)
-        model.fit(
+        callbacks = training_callbacks(cfg, first_phase, backup, checkpoint, tensorboard, dist.chief)
+        _fit(
+            model,
+            dist,
+            cfg,
             train,
-            validation_data=val,
+            val,
             epochs=cfg.epochs,
+            initial_epoch=0,
             class_weight=weights,
             callbacks=[*callbacks, *extra],
-            verbose=2,
         )
         if base is not None:
             model.save_weights(head_done)
     if base is not None and cfg.fine_tune.epochs > 0:
         unfrozen = unfreeze_top(base, cfg.fine_tune.layers)
-        log.info("fine-tuning %d base layers at learning rate %g", unfrozen, cfg.fine_tune.learning_rate)
-        _compile(model, cfg.fine_tune.learning_rate)
+        log.info("fine-tuning %d base layers at learning rate %g", unfrozen, dist.fine_tune_learning_rate)
+        _compile(model, dist.fine_tune_learning_rate, cfg.jit_compile)
         # BackupAndRestore leaves the head phase's restored epoch on the model, and fit() prefers it
         # over initial_epoch; clear it so fine-tuning starts where it should.
         model._initial_epoch = None
         start = cfg.epochs
-        callbacks = training_callbacks(cfg, "fine_tune", backup, checkpoint, tensorboard)
-        model.fit(
+        callbacks = training_callbacks(cfg, "fine_tune", backup, checkpoint, tensorboard, dist.chief)
+        _fit(
+            model,
+            dist,
+            cfg,
             train,
-            validation_data=val,
-            initial_epoch=start,
+            val,
             epochs=start + cfg.fine_tune.epochs,
+            initial_epoch=start,
             class_weight=weights,
             callbacks=[*callbacks, *extra],
-            verbose=2,
         )
 
 
@@ -148,9 +221,13 @@ def start_or_resume_run(
 
 
 def log_run_context(
-    cfg: PipelineConfig, paths: StagePaths, splits: dict[str, pd.DataFrame], built: BuiltModel
+    cfg: PipelineConfig,
+    paths: StagePaths,
+    splits: dict[str, pd.DataFrame],
+    built: BuiltModel,
+    dist: Distribution,
 ) -> None:
-    """Params, provenance tags and the dataset inputs of the run."""
+    """Params, provenance tags (with the strategy and dtype policy used) and the dataset inputs."""
     mlflow.log_params(tracking.flat_params(cfg))
     mlflow.set_tags(
         {
@@ -158,6 +235,7 @@ def log_run_context(
             "model": cfg.train.model,
             "weights_source": built.weights_source,
             "devices": ",".join(d.device_type for d in tf.config.list_physical_devices()),
+            **dist.describe(),
             **tracking.dvc_data_hashes(paths.root, paths),
         }
     )
@@ -184,11 +262,13 @@ def run(
     Returns:
         Where the model is and the MLflow run id.
     """
+    dist = distribute.setup(cfg.train)  # first: a multi-worker strategy must precede other TF work
     keras.utils.set_random_seed(cfg.train.seed)
     tf.config.experimental.enable_op_determinism()  # same data and params, same weights (per device type)
     splits = {name: read_split(paths, name) for name in ("train", "val", "test")}
     names = class_names_of(splits["train"])
-    size, batch = cfg.train.image_size, cfg.train.batch_size
+    size, batch = cfg.train.image_size, dist.global_batch_size
+    options = distribute.distribute_options()
     train_ds = image_dataset(
         splits["train"],
         paths.root,
@@ -197,14 +277,20 @@ def run(
         batch,
         shuffle_seed=cfg.train.seed,
         augment=augmentation(cfg.train.augment, cfg.train.seed),
-    )
-    val_ds = image_dataset(splits["val"], paths.root, names, size, batch)
-    built = build_model(cfg.train, len(names), paths.root)
+    ).with_options(options)
+    val_ds = image_dataset(splits["val"], paths.root, names, size, batch).with_options(options)
+    with dist.strategy.scope():
+        built = build_model(cfg.train, len(names), paths.root, dist.replicas)
     backup = paths.train_backup / run_fingerprint(cfg.train, paths)
-    active, resumed = start_or_resume_run(cfg, paths, backup)
-    with active as run_:
-        if not resumed:
-            log_run_context(cfg, paths, splits, built)
+    if not dist.chief:  # per-worker resume state, on the same (shared) storage
+        backup = backup / "workers" / dist.worker
+    backup.mkdir(parents=True, exist_ok=True)
+    active, resumed = (
+        start_or_resume_run(cfg, paths, backup) if dist.chief else (contextlib.nullcontext(), False)
+    )
+    with active as run_, dist.strategy.scope():
+        if dist.chief and not resumed:
+            log_run_context(cfg, paths, splits, built, dist)
         fit_phases(
             built,
             train_ds,
@@ -213,9 +299,19 @@ def run(
             backup,
             paths,
             class_weights(splits["train"], names, cfg.train),
+            dist,
             callbacks,
         )
-        built.model.save(paths.keras_model)
+        digest = weights_digest(built.model)
+        log.info("final weights sha256 %s (%s)", digest, dist.worker)
+        model = built.model
+        if dist.precision != "float32":
+            model = float32_copy(model, cfg.train, len(names), paths.root)
+        # Every worker saves: with a multi-worker strategy saving is a collective operation.
+        model.save(paths.keras_model if dist.chief else backup / "model.keras")
+        if not dist.chief:
+            shutil.rmtree(backup, ignore_errors=True)
+            return TrainResult(paths.keras_model, "", 0, float("nan"), resumed)
         write_class_names(names, paths.keras_model.parent / "classes.json")
         history = history_frame(backup)
         history_path = paths.report("train_history.csv")
@@ -232,4 +328,5 @@ def run(
         best,
         paths.relative(paths.keras_model),
     )
+    assert run_ is not None  # the chief always has its MLflow run
     return TrainResult(paths.keras_model, run_.info.run_id, len(history), best, resumed)

@@ -24,7 +24,12 @@ class MlflowEpochMetrics(keras.callbacks.Callback):
 
 
 def training_callbacks(
-    cfg: TrainConfig, phase: str, backup_dir: Path, checkpoint: Path, tensorboard_dir: Path
+    cfg: TrainConfig,
+    phase: str,
+    backup_dir: Path,
+    checkpoint: Path,
+    tensorboard_dir: Path | None,
+    chief: bool = True,
 ) -> list[keras.callbacks.Callback]:
     """The callbacks of one training phase.
 
@@ -33,14 +38,15 @@ def training_callbacks(
         phase: `head` or `fine_tune` (or `train` for models without a base).
         backup_dir: BackupAndRestore state; a killed run resumes from here.
         checkpoint: best model so far (by validation loss).
-        tensorboard_dir: TensorBoard log folder.
+        tensorboard_dir: TensorBoard log folder (None: no TensorBoard logs).
+        chief: whether this process writes MLflow metrics (only the chief of a multi-worker job).
     """
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     # History and metrics are written before BackupAndRestore marks the epoch done, so a kill
     # between the two repeats the epoch (dropped as a duplicate) instead of losing its row.
     return [
         keras.callbacks.CSVLogger(str(backup_dir / f"{phase}_history.csv"), append=True),
-        MlflowEpochMetrics(phase),
+        *([MlflowEpochMetrics(phase)] if chief else []),
         keras.callbacks.BackupAndRestore(str(backup_dir / phase)),
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=cfg.early_stopping_patience, restore_best_weights=True
@@ -49,5 +55,5 @@ def training_callbacks(
             monitor="val_loss", factor=0.3, patience=cfg.reduce_lr_patience, min_lr=1e-7
         ),
         keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_loss", save_best_only=True),
-        keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir / phase)),
+        *([keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir / phase))] if tensorboard_dir else []),
     ]
