@@ -15,6 +15,8 @@ import pandas as pd
 import tensorflow as tf
 
 from pipeline.config import AugmentConfig, StagePaths
+from pipeline.train.augment import Augment
+from pipeline.train.augment import augmentation as fused_augmentation
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -47,30 +49,13 @@ def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
-def augmentation(cfg: AugmentConfig, seed: int) -> tf.keras.Sequential | None:
-    """Keras random-transform layers from params, or None when all are off."""
-    from keras import layers
+def augmentation(cfg: AugmentConfig, seed: int) -> Augment | None:
+    """The training augmentation from params (see pipeline/train/augment.py), or None when off.
 
-    steps: list[layers.Layer] = []
-    if cfg.flip != "none":
-        steps.append(layers.RandomFlip(cfg.flip, seed=seed))
-    if cfg.rotation:
-        steps.append(layers.RandomRotation(cfg.rotation, fill_mode="nearest", seed=seed))
-    if cfg.zoom:
-        steps.append(layers.RandomZoom(cfg.zoom, fill_mode="nearest", seed=seed))
-    if cfg.translation:
-        steps.append(
-            layers.RandomTranslation(cfg.translation, cfg.translation, fill_mode="nearest", seed=seed)
-        )
-    if cfg.brightness:
-        steps.append(layers.RandomBrightness(cfg.brightness, value_range=(0.0, 255.0), seed=seed))
-    if cfg.contrast:
-        steps.append(layers.RandomContrast(cfg.contrast, value_range=(0.0, 255.0), seed=seed))
-    if not steps:
-        return None
-    import keras
-
-    return keras.Sequential(steps, name="augmentation")
+    `seed` is kept for the callers' signature; the draws come from the
+    dataset's per-batch seeds (`image_dataset(..., shuffle_seed=...)`).
+    """
+    return fused_augmentation(cfg)
 
 
 def image_dataset(
@@ -81,7 +66,7 @@ def image_dataset(
     batch_size: int,
     *,
     shuffle_seed: int | None = None,
-    augment: tf.keras.Sequential | None = None,
+    augment: Augment | None = None,
 ) -> tf.data.Dataset:
     """Batches of (pixels, class index) for one split.
 
@@ -92,7 +77,8 @@ def image_dataset(
         image_size: side of the square model input.
         batch_size: images per batch.
         shuffle_seed: shuffle every epoch with this seed (training); None keeps file order.
-        augment: random transforms applied after caching, so each epoch sees new ones.
+        augment: random transforms (pipeline/train/augment.py) applied per batch after caching,
+            so each epoch sees new ones.
 
     Returns:
         A prefetched dataset; decoded images are cached in memory.
@@ -105,12 +91,18 @@ def image_dataset(
         lambda path, label: (decode_and_resize(tf.io.read_file(path), image_size), label),
         num_parallel_calls=AUTOTUNE,
         deterministic=True,
-    ).cache()
+    )
+    if augment is not None:  # augmented images are cached as uint8: a quarter of the memory
+        dataset = dataset.map(lambda x, y: (tf.cast(tf.round(x), tf.uint8), y), num_parallel_calls=AUTOTUNE)
+    dataset = dataset.cache()
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size)
-    if augment is not None:
-        dataset = dataset.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=AUTOTUNE)
+    if augment is not None:  # a reproducible seed per batch for the stateless random draws
+        seeds = tf.data.Dataset.random(seed=shuffle_seed or 0).batch(2)
+        dataset = tf.data.Dataset.zip((dataset, seeds)).map(
+            lambda batch, seed: (augment(batch[0], seed), batch[1]), num_parallel_calls=AUTOTUNE
+        )
     return dataset.prefetch(AUTOTUNE)
 
 
