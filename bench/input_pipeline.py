@@ -36,7 +36,8 @@ import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.train.data import AUTOTUNE, augmentation, decode_and_resize, image_dataset  # noqa: E402
+from pipeline.train.augment import augmentation  # noqa: E402
+from pipeline.train.data import AUTOTUNE, decode_and_resize, image_dataset  # noqa: E402
 
 SIZE = 224
 CLASSES = 10
@@ -117,7 +118,7 @@ def main() -> None:
             SIZE,
             args.batch,
             shuffle_seed=0,
-            augment=augmentation(cfg.train.augment, 0),
+            augment=augmentation(cfg.train.augment),
         )
         first = rate(training, args.images)
         second = rate(training, args.images)

@@ -34,7 +34,8 @@ import tensorflow as tf  # noqa: E402
 from bench.input_pipeline import CLASSES, SIZE, write_images  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.train import distribute  # noqa: E402
-from pipeline.train.data import augmentation, image_dataset  # noqa: E402
+from pipeline.train.augment import augmentation  # noqa: E402
+from pipeline.train.data import image_dataset  # noqa: E402
 from pipeline.train.models import build_model  # noqa: E402
 
 
@@ -92,7 +93,7 @@ def main() -> None:
             SIZE,
             args.batch,
             shuffle_seed=0,
-            augment=augmentation(cfg.train.augment, 0),
+            augment=augmentation(cfg.train.augment),
         ).repeat()
         pixels = tf.random.uniform((args.batch, SIZE, SIZE, 3), 0, 255, seed=0)
         labels = tf.zeros((args.batch,), tf.int32)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
@@ -64,10 +63,9 @@ def statistics_of(files: Sequence[Path]) -> np.ndarray:
 
 def pixels_of(files: Sequence[Path], image_size: int) -> np.ndarray:
     """Model input for image files: decoded and resized exactly as in training."""
-    from pipeline.train.data import load_images
+    from pipeline.train.data import load_files
 
-    frame = pd.DataFrame({"path": [str(Path(f).resolve()) for f in files]})
-    return load_images(frame, Path("/"), image_size)
+    return load_files(files, image_size)
 
 
 # One two-output view per model: a new view per batch would retrace its predict function every time.

@@ -20,8 +20,9 @@ from sklearn.utils.class_weight import compute_class_weight
 from pipeline import tracking
 from pipeline.config import PipelineConfig, StagePaths, TrainConfig
 from pipeline.train import distribute
+from pipeline.train.augment import augmentation
 from pipeline.train.callbacks import training_callbacks
-from pipeline.train.data import augmentation, class_names_of, image_dataset, read_split, write_class_names
+from pipeline.train.data import class_names_of, image_dataset, read_split, write_class_names
 from pipeline.train.distribute import Distribution
 from pipeline.train.loop import fit_multi_worker
 from pipeline.train.models import BuiltModel, build_model, unfreeze_top
@@ -276,7 +277,7 @@ def run(
         size,
         batch,
         shuffle_seed=cfg.train.seed,
-        augment=augmentation(cfg.train.augment, cfg.train.seed),
+        augment=augmentation(cfg.train.augment),
     ).with_options(options)
     val_ds = image_dataset(splits["val"], paths.root, names, size, batch).with_options(options)
     with dist.strategy.scope():

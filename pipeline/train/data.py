@@ -8,15 +8,15 @@ signature and TFLite calibration: nothing can skew between them.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pipeline.config import AugmentConfig, StagePaths
+from pipeline.config import StagePaths
 from pipeline.train.augment import Augment
-from pipeline.train.augment import augmentation as fused_augmentation
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -47,15 +47,6 @@ def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False, dtype=tf.uint8)
     image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
     return tf.clip_by_value(image, 0.0, 255.0)
-
-
-def augmentation(cfg: AugmentConfig, seed: int) -> Augment | None:
-    """The training augmentation from params (see pipeline/train/augment.py), or None when off.
-
-    `seed` is kept for the callers' signature; the draws come from the
-    dataset's per-batch seeds (`image_dataset(..., shuffle_seed=...)`).
-    """
-    return fused_augmentation(cfg)
 
 
 def image_dataset(
@@ -106,14 +97,17 @@ def image_dataset(
     return dataset.prefetch(AUTOTUNE)
 
 
-def load_images(frame: pd.DataFrame, root: Path, image_size: int) -> np.ndarray:
-    """All images of a split as one float32 array (N, size, size, 3), in file order."""
-    dataset = tf.data.Dataset.from_tensor_slices([str(root / p) for p in frame["path"]])
+def load_files(files: Sequence[Path], image_size: int) -> np.ndarray:
+    """Image files as one float32 array (N, size, size, 3), in order, decoded as in training."""
+    if len(files) == 0:
+        return np.zeros((0, image_size, image_size, 3))
+    dataset = tf.data.Dataset.from_tensor_slices([str(f) for f in files])
     dataset = dataset.map(
         lambda p: decode_and_resize(tf.io.read_file(p), image_size), num_parallel_calls=AUTOTUNE
     )
-    return (
-        np.stack(list(dataset.as_numpy_iterator()))
-        if len(frame)
-        else np.zeros((0, image_size, image_size, 3))
-    )
+    return np.stack(list(dataset.as_numpy_iterator()))
+
+
+def load_images(frame: pd.DataFrame, root: Path, image_size: int) -> np.ndarray:
+    """All images of a split as one float32 array (N, size, size, 3), in file order."""
+    return load_files([root / p for p in frame["path"]], image_size)

@@ -8,6 +8,7 @@ the weights nor the reference saw. Each check is the flow's own check
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -101,21 +102,21 @@ def detected(
     return report.drift
 
 
+def alarm_rate(
+    champion: Champion, digits: dict, draw: Callable[[], np.ndarray], shift: Shift, folder: Path, repeats: int
+) -> float:
+    """The share of `repeats` batches (indices from `draw`, shifted) in which the check found drift."""
+    alarms = [detected(champion, digits, draw(), shift, folder / str(i), i) for i in range(repeats)]
+    print(f"{folder.name}: alarm rate {np.mean(alarms):.2f} over {repeats} batches")
+    return float(np.mean(alarms))
+
+
 def test_quiet_on_unshifted_batches(champion, digits, tmp_path: Path):
     rng = np.random.default_rng(7)
-    alarms = [
-        detected(
-            champion,
-            digits,
-            rng.choice(digits["test"], BATCH, replace=False),
-            unchanged(),
-            tmp_path / f"quiet-{i}",
-            i,
-        )
-        for i in range(50)
-    ]
-    print(f"false-alarm rate over 50 unshifted batches: {np.mean(alarms):.2f}")
-    assert np.mean(alarms) <= 0.15, f"false-alarm rate {np.mean(alarms):.2f} over 50 unshifted batches"
+    rate = alarm_rate(
+        champion, digits, lambda: rng.choice(digits["test"], BATCH, replace=False), unchanged(), tmp_path, 50
+    )
+    assert rate <= 0.15, f"false-alarm rate {rate:.2f} over 50 unshifted batches"
 
 
 @pytest.mark.parametrize(
@@ -128,38 +129,22 @@ def test_quiet_on_unshifted_batches(champion, digits, tmp_path: Path):
 )
 def test_fires_on_covariate_shift(champion, digits, tmp_path: Path, name: str, shift: Shift):
     rng = np.random.default_rng(11)
-    hits = [
-        detected(
-            champion,
-            digits,
-            rng.choice(digits["test"], BATCH, replace=False),
-            shift,
-            tmp_path / f"{name}-{i}",
-            i,
-        )
-        for i in range(10)
-    ]
-    print(f"{name}: detection rate {np.mean(hits):.1f}")
-    assert np.mean(hits) >= 0.8, f"{name}: detection rate {np.mean(hits):.1f}"
+    rate = alarm_rate(
+        champion, digits, lambda: rng.choice(digits["test"], BATCH, replace=False), shift, tmp_path / name, 10
+    )
+    assert rate >= 0.8, f"{name}: detection rate {rate:.1f}"
 
 
 def test_fires_on_a_75_25_class_prior_shift(champion, digits, tmp_path: Path):
     rng = np.random.default_rng(13)
     test_labels = digits["labels"][digits["test"]]
     favoured = ["0", "1", "2", "3", "4"]  # half the classes get 75% of the batch instead of 50%
-    hits = [
-        detected(
-            champion,
-            digits,
-            digits["test"][class_prior_sample(test_labels, BATCH, favoured, 0.75, rng)],
-            unchanged(),
-            tmp_path / f"prior-{i}",
-            i,
-        )
-        for i in range(10)
-    ]
-    print(f"class-prior shift: detection rate {np.mean(hits):.1f}")
-    assert np.mean(hits) >= 0.8, f"class-prior shift: detection rate {np.mean(hits):.1f}"
+
+    def draw() -> np.ndarray:
+        return digits["test"][class_prior_sample(test_labels, BATCH, favoured, 0.75, rng)]
+
+    rate = alarm_rate(champion, digits, draw, unchanged(), tmp_path / "prior", 10)
+    assert rate >= 0.8, f"class-prior shift: detection rate {rate:.1f}"
 
 
 def test_fires_when_half_the_batch_is_a_class_withheld_from_training(digits, tmp_path: Path):
@@ -167,18 +152,11 @@ def test_fires_when_half_the_batch_is_a_class_withheld_from_training(digits, tmp
     unseen = np.flatnonzero(digits["labels"] == "9")  # never in training or in the reference
     known = digits["test"][digits["labels"][digits["test"]] != "9"]
     rng = np.random.default_rng(17)
-    hits = [
-        detected(
-            partial,
-            digits,
-            np.concatenate(
-                [rng.choice(unseen, BATCH // 2, replace=False), rng.choice(known, BATCH // 2, replace=False)]
-            ),
-            unchanged(),
-            tmp_path / f"novel-{i}",
-            i,
-        )
-        for i in range(10)
-    ]
-    print(f"withheld class: detection rate {np.mean(hits):.1f}")
-    assert np.mean(hits) >= 0.8, f"withheld class: detection rate {np.mean(hits):.1f}"
+
+    def draw() -> np.ndarray:
+        half = BATCH // 2
+        picks = [rng.choice(unseen, half, replace=False), rng.choice(known, half, replace=False)]
+        return np.concatenate(picks)
+
+    rate = alarm_rate(partial, digits, draw, unchanged(), tmp_path / "novel", 10)
+    assert rate >= 0.8, f"withheld class: detection rate {rate:.1f}"
