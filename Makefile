@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed-$(TF_EXTRA)
 export PATH := $(BIN):$(PATH)
 export GX_ANALYTICS_ENABLED := False
 
-.PHONY: run repro deploy drift-check drift-demo test install lint typecheck clean
+.PHONY: run repro deploy drift-check drift-demo test install lint typecheck clean \
+	mlflow-server prefect-server prefect-worker dvc-remote
 
 run: $(STAMP) ## create the venv if missing, install, run the training flow on params.yaml
 	python -m flows.training
@@ -25,8 +26,23 @@ drift-demo: $(STAMP) ## land a brightened batch of digits and run the drift-chec
 	python -m flows.training
 	python -m flows.drift_demo
 
-test: $(STAMP) ## run the test suite
+test: $(STAMP) ## run the test suite (installs PostgreSQL from Debian packages first when it is missing)
+	infra/scripts/install-postgres.sh
 	python -m pytest
+
+# The team setup (mlflow/README.md, infra/README.md): settings from the environment,
+# or from the git-ignored env files next to the scripts when they exist.
+mlflow-server: $(STAMP) ## the shared MLflow server on PostgreSQL with S3 artifacts (mlflow/server.env)
+	@if [ -f mlflow/server.env ]; then set -a; . ./mlflow/server.env; set +a; fi; mlflow/start-server.sh
+
+prefect-server: $(STAMP) ## a Prefect server on PostgreSQL (infra/prefect/prefect.env)
+	@if [ -f infra/prefect/prefect.env ]; then set -a; . ./infra/prefect/prefect.env; set +a; fi; infra/prefect/start-server.sh
+
+prefect-worker: $(STAMP) ## register the deployments and run a process worker (infra/prefect/prefect.env)
+	@if [ -f infra/prefect/prefect.env ]; then set -a; . ./infra/prefect/prefect.env; set +a; fi; infra/prefect/start-worker.sh
+
+dvc-remote: $(STAMP) ## make the S3 remote (storage.dvc_remote or PIPELINE_DVC_REMOTE_URL) DVC's default
+	python -m pipeline dvc-remote
 
 install: $(STAMP)
 

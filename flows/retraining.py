@@ -3,7 +3,8 @@
 Scheduled by the `drift-check` deployment (flows/deployments.py). Each run:
 
 1. takes the landing-area lock (a second run at the same time returns at once);
-2. loads the champion and its drift reference from the MLflow registry;
+2. loads the champion and its drift reference from the MLflow registry, and
+   pulls settled batches from the S3 landing area when one is configured;
 3. checks every settled batch in the landing area, writing
    `reports/drift/<batch>.json|html`, an MLflow monitoring run and a Prefect artifact;
 4. moves batches that did not drift to `<archive>/processed/`, and drifted
@@ -31,7 +32,7 @@ from prefect.events import emit_event
 from flows import artifacts
 from flows.locks import file_lock
 from flows.training import PROJECT_ROOT, training_flow, transient_only
-from pipeline import drift_report, landing, monitor
+from pipeline import drift_report, landing, monitor, s3
 from pipeline.config import PipelineConfig, StagePaths, load_config, parse_config, with_overrides
 from pipeline.errors import ConfigError, GateFailed, PipelineError
 
@@ -61,6 +62,12 @@ def drift_config(project: Path, overrides: dict[str, Any] | None) -> PipelineCon
 def load_champion(cfg: PipelineConfig, project: Path) -> monitor.Champion | None:
     """The champion and its drift reference (registry I/O: retried)."""
     return monitor.load_champion(cfg.mlflow, project)
+
+
+@task(retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=transient_only, cache_policy=NONE)
+def pull_landing(location: s3.S3Location, landing_dir: Path, cfg: PipelineConfig) -> list[str]:
+    """Pull the settled batches of the S3 landing area into the local one (S3 I/O: retried)."""
+    return landing.pull_s3_batches(location, landing_dir, cfg.drift.settle_seconds, cfg.storage)
 
 
 @task(cache_policy=NONE)
@@ -179,6 +186,10 @@ def drift_check_flow(
             logger.warning("no champion in the registry yet: run the training flow first")
             return {**summary, "status": "skipped: no champion"}
         summary["champion"] = f"{champion.name} v{champion.version}"
+        bucket = s3.resolve_uri(cfg.drift.landing_s3, s3.LANDING_URI_ENV, "drift.landing_s3")
+        if bucket is not None:
+            summary["pulled_from_s3"] = pull_landing(bucket, landing_dir, cfg)
+            logger.info("pulled %d batches from %s", len(summary["pulled_from_s3"]), bucket)
         usable = []
         for path in landing.ready_batches(landing_dir, cfg.drift.settle_seconds):
             try:

@@ -34,7 +34,7 @@ STAGE_ORDER = (
 )
 
 STAGES: dict[str, Callable[[PipelineConfig, StagePaths], Any]] = {
-    "ingest": lambda cfg, paths: ingest.run(cfg.ingest, paths),
+    "ingest": lambda cfg, paths: ingest.run(cfg.ingest, paths, cfg.storage),
     "validate": lambda cfg, paths: validate.run(cfg.validate_, paths),
     "split": lambda cfg, paths: split.run(cfg.split, paths),
     "baseline": lambda cfg, paths: baseline.run(cfg.baseline, paths),

@@ -21,6 +21,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from flows import artifacts
 from flows.locks import file_lock
 from flows.stages import STAGE_ORDER, run_stage
+from pipeline import tracking
 from pipeline.config import load_config, parse_config, with_overrides
 from pipeline.errors import PipelineError
 
@@ -166,6 +167,9 @@ def training_flow(
         if requested:
             apply_overrides(project / "params.yaml", requested)
             logger.info("params.yaml overrides: %s", requested)
+        # A tracking server that is down fails the flow now, not after ingest and training.
+        cfg = load_config(project / "params.yaml", project)
+        tracking.check_server(tracking.tracking_uri(project), cfg.mlflow.connect_timeout_seconds)
         for stage in STAGE_ORDER:
             try:
                 outcome[stage] = STAGE_TASKS[stage](stage, project, stage in (force or []))
@@ -189,9 +193,13 @@ def main() -> None:
     print(
         "reports:    reports/ (metrics.json, gate.json, export.json, validation.json, data_docs/index.html)"
     )
-    print(
-        "MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   -> http://127.0.0.1:5000"
-    )
+    uri = tracking.tracking_uri(PROJECT_ROOT)
+    if uri.startswith("http"):
+        print(f"MLflow UI:  {uri}")
+    else:
+        print(
+            "MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   -> http://127.0.0.1:5000"
+        )
     print(
         "Prefect UI: .venv/bin/prefect server start                                -> http://127.0.0.1:4200"
     )

@@ -45,7 +45,7 @@ def ingest(params: ParamsOption = Path("params.yaml")) -> None:
     """Bring images from the configured source into the raw folder and write the manifest."""
     from pipeline import ingest as stage
 
-    _run_stage(params, lambda cfg, paths: stage.run(cfg.ingest, paths))
+    _run_stage(params, lambda cfg, paths: stage.run(cfg.ingest, paths, cfg.storage))
 
 
 @app.command()
@@ -143,3 +143,17 @@ def rollback(
 
     moved = _run_stage(params, lambda cfg, paths: move_back(cfg.mlflow, paths.root, to))
     typer.echo(f"champion: version {moved[0]} -> version {moved[1]}")
+
+
+@app.command("dvc-remote")
+def dvc_remote(
+    params: ParamsOption = Path("params.yaml"),
+    local: Annotated[
+        bool, typer.Option("--local", help="write to .dvc/config.local (git-ignored) instead of .dvc/config")
+    ] = False,
+) -> None:
+    """Make the S3 remote (storage.dvc_remote or PIPELINE_DVC_REMOTE_URL) DVC's default remote."""
+    from pipeline.remote import configure_remote
+
+    url = _run_stage(params, lambda cfg, paths: configure_remote(cfg.storage, paths.root, local))
+    typer.echo(f"DVC remote: {url}; `dvc push` uploads data and models, `dvc pull` restores them")

@@ -10,9 +10,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -23,6 +24,49 @@ class Section(BaseModel):
     """Base for every config section: unknown keys and mutation are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_s3_uri(value: str | None) -> str | None:
+    if value is not None and (not value.startswith("s3://") or len(value) <= len("s3://")):
+        raise ValueError(f"'{value}' is not an S3 URI; write s3://<bucket>/<prefix>")
+    return value
+
+
+class StorageConfig(Section):
+    """S3 settings shared by the s3 ingest source, the S3 landing area and the DVC remote.
+
+    Credentials never go here: boto3 and DVC read them from the environment
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or an AWS profile (AWS_PROFILE).
+    """
+
+    endpoint_url: str | None = (
+        None  # S3-compatible endpoint; null: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS
+    )
+    region: str | None = None  # null: AWS_DEFAULT_REGION or the profile's
+    max_attempts: int = Field(5, ge=1, le=20)  # per request and per download
+    timeout_seconds: float = Field(60.0, gt=0.0)  # connect and read timeouts
+    dvc_remote: str | None = (
+        None  # s3://bucket/prefix; the environment variable PIPELINE_DVC_REMOTE_URL overrides it
+    )
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in {"http", "https"} or not parts.hostname:
+                raise ValueError(f"'{value}' is not an http(s) URL")
+            if parts.username or parts.password:
+                raise ValueError(
+                    "must not carry credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                    "in the environment (or AWS_PROFILE) instead"
+                )
+        return value
+
+    @field_validator("dvc_remote")
+    @classmethod
+    def _s3_scheme(cls, value: str | None) -> str | None:
+        return _check_s3_uri(value)
 
 
 class PathsConfig(Section):
@@ -60,14 +104,29 @@ class TfdsSource(Section):
     download: bool = False
 
 
+class S3Source(Section):
+    """Images in S3: s3://<bucket>/<prefix>/<class>/<image>, downloaded incrementally."""
+
+    uri: str | None = None  # s3://bucket/prefix; the environment variable PIPELINE_INGEST_S3_URI overrides it
+    cache: Path = Path(
+        ".cache/s3"
+    )  # downloaded objects and their ETags; unchanged objects are not fetched again
+
+    @field_validator("uri")
+    @classmethod
+    def _s3_scheme(cls, value: str | None) -> str | None:
+        return _check_s3_uri(value)
+
+
 class IngestConfig(Section):
     """Which source to ingest and how."""
 
-    source: Literal["embedded", "folder", "tfds"] = "embedded"
+    source: Literal["embedded", "folder", "tfds", "s3"] = "embedded"
     max_pixels: int = Field(40_000_000, gt=0)
     embedded: EmbeddedSource = EmbeddedSource()
     folder: FolderSource = FolderSource()
     tfds: TfdsSource = TfdsSource()
+    s3: S3Source = S3Source()
 
     @model_validator(mode="after")
     def _folder_needs_path(self) -> IngestConfig:
@@ -213,6 +272,10 @@ class MlflowConfig(Section):
 
     experiment: str = "image-classification"
     registered_model: str = "image-classifier"
+    connect_timeout_seconds: float = Field(30.0, gt=0.0)  # wait this long for a tracking server to answer
+    request_timeout_seconds: int = Field(
+        60, gt=0
+    )  # per HTTP request (MLFLOW_HTTP_REQUEST_TIMEOUT unless set)
 
 
 class OrchestrationConfig(Section):
@@ -257,6 +320,9 @@ class DriftConfig(Section):
     """Drift checks on new batches and when they retrain (flows/retraining.py)."""
 
     landing: Path = Path("data/landing")  # new batches: <landing>/<batch>/<class>/<image> or /<image>
+    landing_s3: str | None = (
+        None  # s3://bucket/prefix pulled into `landing`; env PIPELINE_LANDING_S3_URI overrides
+    )
     archive: Path = Path("data/landing_archive")  # checked batches are moved here, never deleted
     settle_seconds: float = Field(60.0, ge=0.0)  # a batch is ready when no file changed for this long
     alpha: float = Field(0.1, gt=0.0, lt=1.0)  # family-wise level, split across the detectors that run
@@ -270,6 +336,11 @@ class DriftConfig(Section):
     min_batch_images: int = Field(50, ge=1)  # labelled images a drifted batch needs to be trained on
     cooldown_hours: float = Field(24.0, ge=0.0)  # no retraining sooner than this after the last one
     max_model_age_days: float = Field(30.0, gt=0.0)  # retrain without drift when the champion is older
+
+    @field_validator("landing_s3")
+    @classmethod
+    def _s3_scheme(cls, value: str | None) -> str | None:
+        return _check_s3_uri(value)
 
 
 class PipelineConfig(Section):
@@ -287,6 +358,7 @@ class PipelineConfig(Section):
     mlflow: MlflowConfig = MlflowConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     drift: DriftConfig = DriftConfig()
+    storage: StorageConfig = StorageConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

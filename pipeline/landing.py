@@ -4,11 +4,17 @@ A batch is a folder under the landing area: `<batch>/<class>/<image>` when
 it is labelled, `<batch>/<image>` when it is not. Batches are moved, never
 deleted: to `<archive>/processed/` once checked, to
 `<archive>/awaiting_labels/` when they drifted but carry no labels.
+
+With an S3 landing area (`drift.landing_s3`), settled batches uploaded to
+`s3://<bucket>/<prefix>/<batch>/...` are first pulled into the local one
+(verified downloads, renamed into place whole), and their objects are moved
+to `<prefix>/_received/<batch>/` in the bucket.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from contextlib import chdir
@@ -16,6 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pipeline import s3
+from pipeline.config import StorageConfig
 from pipeline.errors import IngestError
 
 log = logging.getLogger(__name__)
@@ -116,3 +124,83 @@ def accept(batch: Batch, batches: Path, root: Path) -> Path:
         repo.add([str(target.relative_to(root))])
     log.info("batch %s versioned with DVC at %s", batch.name, target)
     return target.with_name(f"{batch.name}.dvc")
+
+
+RECEIVED = "_received"
+
+
+def _s3_batches(location: s3.S3Location, objects: list[s3.S3Object]) -> dict[str, list[s3.S3Object]]:
+    """Objects grouped by batch (first path part under the prefix); skips `_`/`.` names, folder markers."""
+    batches: dict[str, list[s3.S3Object]] = {}
+    for obj in objects:
+        parts = obj.key[len(location.prefix) :].split("/")
+        if len(parts) < 2 or obj.key.endswith("/") or parts[0].startswith((".", "_")):
+            continue
+        if any(part in {"", ".", ".."} for part in parts):
+            log.warning("s3://%s/%s: unusable object name; left in S3", location.bucket, obj.key)
+            continue
+        batches.setdefault(parts[0], []).append(obj)
+    return batches
+
+
+def _received_prefix(client: object, location: s3.S3Location, batch: str) -> str:
+    """`<prefix>_received/<batch>/`, with a timestamp suffix when a batch of that name came before."""
+    prefix = location.key(f"{RECEIVED}/{batch}/")
+    if next(s3.list_objects(client, s3.S3Location(location.bucket, prefix)), None) is not None:
+        prefix = location.key(f"{RECEIVED}/{batch}-{datetime.now(UTC):%Y%m%dT%H%M%S%f}/")
+    return prefix
+
+
+def pull_s3_batches(
+    location: s3.S3Location, landing: Path, settle_seconds: float, storage: StorageConfig
+) -> list[str]:
+    """Download the settled batches of an S3 landing area into the local landing area.
+
+    A batch is settled when none of its objects changed for `settle_seconds`.
+    It is downloaded into a hidden folder, each file checked against its
+    size and ETag and given the object's modification time, then renamed to
+    `<landing>/<batch>`; only then are its objects moved to
+    `<prefix>_received/<batch>/` in the bucket (copied, then deleted). A batch
+    whose name is already in the local landing area is left in S3 until that
+    one has been checked.
+
+    Returns:
+        The names of the batches pulled.
+    """
+    client = s3.client(storage)
+    now = time.time()
+    pulled = []
+    for name, objects in sorted(_s3_batches(location, list(s3.list_objects(client, location))).items()):
+        if now - max(obj.modified for obj in objects) < settle_seconds:
+            log.info("s3 batch %s%s/ is still changing; left for the next check", location, name)
+            continue
+        if (landing / name).exists():
+            log.warning(
+                "batch %s is already in %s; s3 batch %s%s/ is left until it is checked",
+                name,
+                landing,
+                location,
+                name,
+            )
+            continue
+        staging = landing / f".pull-{name}"
+        shutil.rmtree(staging, ignore_errors=True)
+        batch_prefix = location.key(f"{name}/")
+        for obj in objects:
+            target = staging / obj.key[len(batch_prefix) :]
+            s3.download(client, location.bucket, obj, target, storage.max_attempts)
+            os.utime(target, (obj.modified, obj.modified))
+        staging.rename(landing / name)
+        received = _received_prefix(client, location, name)
+        moved = s3.move_objects(client, location.bucket, objects, batch_prefix, received)
+        log.info(
+            "s3 batch %s%s/: %d files -> %s; objects moved to s3://%s/%s",
+            location,
+            name,
+            moved,
+            landing / name,
+            location.bucket,
+            received,
+        )
+        pulled.append(name)
+    return pulled

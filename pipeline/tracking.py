@@ -6,6 +6,9 @@ import json
 import logging
 import os
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +28,39 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
 
 
+# Bounded HTTP retries for a tracking server (MLflow's own default backs off for minutes);
+# set these variables yourself to change them.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def check_server(uri: str, wait_seconds: float) -> None:
+    """For an http(s) tracking URI, wait up to `wait_seconds` for its /health to answer.
+
+    Raises:
+        PipelineError: naming the URI, when the server does not answer in time.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    health = uri.rstrip("/") + "/health"
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            with urllib.request.urlopen(health, timeout=min(10.0, max(wait_seconds, 1.0))) as response:
+                if response.status == 200:
+                    return
+                problem = f"HTTP {response.status}"
+        except urllib.error.HTTPError as error:
+            problem = f"HTTP {error.code}"
+        except (OSError, ValueError) as error:
+            problem = f"{error.__class__.__name__}: {getattr(error, 'reason', error)}"
+        if time.monotonic() >= deadline:
+            raise PipelineError(
+                f"MLflow tracking server {uri} is not reachable ({problem} from {health}, waited "
+                f"{wait_seconds:.0f} s); start it (mlflow/start-server.sh) or fix MLFLOW_TRACKING_URI"
+            )
+        time.sleep(1.0)
+
+
 def configure(cfg: MlflowConfig, root: Path) -> str:
     """Point MLflow at the tracking store and make sure the experiment exists.
 
@@ -36,6 +72,11 @@ def configure(cfg: MlflowConfig, root: Path) -> str:
     """
     uri = tracking_uri(root)
     local = "MLFLOW_TRACKING_URI" not in os.environ
+    if not local:
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(cfg.request_timeout_seconds))
+        check_server(uri, cfg.connect_timeout_seconds)
     mlflow.set_tracking_uri(uri)
     if local:  # set_tracking_uri exports the variable; keep "unset" meaning "this project's store"
         os.environ.pop("MLFLOW_TRACKING_URI", None)

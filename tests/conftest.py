@@ -86,8 +86,8 @@ def _isolated_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-def sh(cwd: Path, *args: str, check: bool = True) -> str:
-    """Run a command with this venv's tools first on PATH; return stdout + stderr."""
+def sh(cwd: Path, *args: str, check: bool = True, env: dict[str, str] | None = None) -> str:
+    """Run a command with this venv's tools first on PATH (plus `env`); return stdout + stderr."""
     import os
     import subprocess
     import sys
@@ -97,6 +97,7 @@ def sh(cwd: Path, *args: str, check: bool = True) -> str:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "GX_ANALYTICS_ENABLED": "False",
         "DVC_NO_ANALYTICS": "1",
+        **(env or {}),
     }
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check:

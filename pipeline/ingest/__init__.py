@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.config import IngestConfig, StagePaths
+from pipeline.config import IngestConfig, StagePaths, StorageConfig
 from pipeline.errors import ConfigError
 from pipeline.ingest.images import inspect_image
 from pipeline.ingest.sources import (
@@ -38,8 +38,10 @@ class IngestResult:
     manifest: Path
 
 
-def open_source(cfg: IngestConfig, paths: StagePaths) -> tuple[int, Iterator[SourceFile]]:
-    """The configured source as (count, files).
+def open_source(
+    cfg: IngestConfig, paths: StagePaths, storage: StorageConfig | None = None
+) -> tuple[int, Iterator[SourceFile]]:
+    """The configured source as (count, files); `storage` holds the S3 settings of an `s3` source.
 
     Raises:
         ConfigError: when a folder source lies inside the ingest output folder.
@@ -49,6 +51,10 @@ def open_source(cfg: IngestConfig, paths: StagePaths) -> tuple[int, Iterator[Sou
     if cfg.source == "tfds":
         data_dir = cfg.tfds.data_dir
         return tfds_dataset(cfg.tfds, data_dir if data_dir.is_absolute() else paths.root / data_dir)
+    if cfg.source == "s3":
+        from pipeline.ingest.s3_source import s3_tree
+
+        return s3_tree(cfg.s3, storage or StorageConfig(), paths.root)
     assert cfg.folder.path is not None  # guaranteed by IngestConfig
     folder = cfg.folder.path if cfg.folder.path.is_absolute() else paths.root / cfg.folder.path
     folder = folder.resolve()
@@ -74,7 +80,7 @@ def ingest_files(
     return rows
 
 
-def run(cfg: IngestConfig, paths: StagePaths) -> IngestResult:
+def run(cfg: IngestConfig, paths: StagePaths, storage: StorageConfig | None = None) -> IngestResult:
     """Ingest the configured source, plus the batches accepted into `paths.batches`.
 
     The new tree is assembled in a staging folder and swapped in whole, so a
@@ -84,11 +90,12 @@ def run(cfg: IngestConfig, paths: StagePaths) -> IngestResult:
     Args:
         cfg: the `ingest` section.
         paths: resolved stage paths.
+        storage: the `storage` section (S3 endpoint and retries) for an `s3` source.
 
     Returns:
         Counts of what was ingested.
     """
-    total, files = open_source(cfg, paths)
+    total, files = open_source(cfg, paths, storage)
     batch_total, batch_files = accepted_batches(paths.batches)
     if batch_total:
         log.info("adding %d files from accepted batches in %s", batch_total, paths.relative(paths.batches))
