@@ -10,7 +10,8 @@
 #   MLFLOW_HOST                   optional  interface to bind (default 127.0.0.1; 0.0.0.0 in a container)
 #   MLFLOW_PORT                   optional  default 5000
 #   MLFLOW_WORKERS                optional  server worker processes, default 2
-#   MLFLOW_ALLOWED_HOSTS          optional  extra Host headers to accept (default: localhost and private IPs)
+#   MLFLOW_ALLOWED_HOSTS          optional  Host headers to accept, comma-separated, `*` patterns allowed; replaces
+#                                           the default (localhost and private IPs), so list those too if needed
 #   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance role): the server's S3 access
 set -euo pipefail
 

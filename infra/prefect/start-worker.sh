@@ -8,6 +8,7 @@
 #   PREFECT_API_URL               required  http://HOST:4200/api
 #   PREFECT_REGISTER_DEPLOYMENTS  optional  1 (default) registers the deployments first; 0 skips it
 #   PREFECT_WORKER_WAIT_SECONDS   optional  how long to wait for the server, default 120
+#   PIPELINE_DVC_REMOTE_URL       optional  s3://BUCKET/PREFIX: written as the DVC remote of this checkout (config.local)
 #   MLFLOW_TRACKING_URI and the S3 settings of the pipeline reach the flow runs from this environment.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,6 +29,12 @@ while True:
             sys.exit(f"Prefect server at {url} did not answer: {error}")
         time.sleep(2)
 PY
+
+# DVC reads no PIPELINE_* variable: turn PIPELINE_DVC_REMOTE_URL into the checkout's (git-ignored)
+# .dvc/config.local, so flow runs can `dvc push` / `dvc pull`.
+if [[ -n "${PIPELINE_DVC_REMOTE_URL:-}" ]]; then
+  python -m pipeline dvc-remote --local
+fi
 
 pool="$(python -c 'from pipeline.config import load_config; print(load_config().orchestration.work_pool)')"
 if [[ "${PREFECT_REGISTER_DEPLOYMENTS:-1}" == 1 ]]; then

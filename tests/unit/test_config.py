@@ -51,7 +51,7 @@ def test_ratios_must_sum_to_one():
 def test_unknown_source_lists_choices():
     raw = params()
     raw["ingest"]["source"] = "ftp"
-    with pytest.raises(ConfigError, match=r"ingest\.source: .*'embedded', 'folder' or 'tfds'"):
+    with pytest.raises(ConfigError, match=r"ingest\.source: .*'embedded', 'folder', 'tfds' or 's3'"):
         parse_config(raw)
 
 
@@ -81,3 +81,26 @@ def test_config_is_immutable():
     cfg = load_config(REPO_ROOT / "params.yaml")
     with pytest.raises(ValidationError, match="frozen"):
         cfg.split.seed = 1  # type: ignore[misc]
+
+
+def test_credentials_in_the_endpoint_url_are_refused_without_echoing_them():
+    raw = params()
+    raw["storage"]["endpoint_url"] = "http://AKIAEXAMPLE:s3cr3t-value@minio:9000"
+    with pytest.raises(ConfigError, match=r"storage\.endpoint_url: .*must not carry credentials") as raised:
+        parse_config(raw)
+    assert "s3cr3t-value" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "key"), [("ingest.s3", "uri"), ("storage", "dvc_remote"), ("drift", "landing_s3")]
+)
+def test_s3_locations_must_be_s3_uris(section: str, key: str):
+    raw = params()
+    node = raw
+    for part in section.split("."):
+        node = node[part]
+    node[key] = "my-bucket/images"
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}: .*not an S3 URI; write s3://"):
+        parse_config(raw)
+    node[key] = "s3://my-bucket/images"
+    parse_config(raw)
