@@ -10,7 +10,6 @@ batch from the S3 landing area, and the tracking server stopped.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -24,8 +23,8 @@ import numpy as np
 import psycopg2
 import pytest
 import yaml
-from PIL import Image
 
+from pipeline.ingest.sources import encode_png
 from tests.conftest import copy_project, digit_images, sh, tree_digest
 from tests.s3_faults import FaultyS3Proxy
 from tests.servers import mlflow_server, moto_s3, postgres
@@ -36,12 +35,6 @@ BUCKET = "mlops"
 MODEL = "team-model"
 SECRET = "pipeline-secret-must-not-leak-7f3a"  # the pipeline's AWS secret key (moto accepts any)
 FLAKY = {"images/0/img_000.png": ("503", "cut"), "images/1/img_001.png": ("cut",)}
-
-
-def png(pixels) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +60,7 @@ def team(backends, tmp_path_factory):
     for label, images in digit_images(per_class=30, classes=3).items():
         for index, pixels in enumerate(images):
             key = f"images/{label}/img_{index:03d}.png"
-            uploaded[key] = png(pixels)
+            uploaded[key] = encode_png(pixels)
             client.put_object(Bucket=BUCKET, Key=key, Body=uploaded[key])
 
     def edit(params: dict) -> None:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import os
 import time
 
 import pytest
-from PIL import Image
 
 from pipeline import ingest, landing, s3
 from pipeline.config import S3Source
 from pipeline.errors import ConfigError, IngestError
 from pipeline.ingest.s3_source import sync
+from pipeline.ingest.sources import encode_png
 from tests.conftest import copy_project, digit_images, sh, tree_digest
 from tests.s3_faults import FaultyS3Proxy
 from tests.servers import moto_s3
@@ -20,12 +19,6 @@ from tests.servers import moto_s3
 pytestmark = [pytest.mark.integration]
 
 BUCKET = "mlops"
-
-
-def png(pixels) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +49,7 @@ def upload_tree(server, prefix: str, per_class: int = 6, classes: int = 3) -> di
     for label, images in digit_images(per_class=per_class, classes=classes).items():
         for index, pixels in enumerate(images):
             key = f"{prefix}/{label}/img_{index:03d}.png"
-            uploaded[key] = png(pixels)
+            uploaded[key] = encode_png(pixels)
             client.put_object(Bucket=BUCKET, Key=key, Body=uploaded[key])
     return uploaded
 
