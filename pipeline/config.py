@@ -9,11 +9,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError
 
@@ -26,10 +34,13 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _check_s3_uri(value: str | None) -> str | None:
-    if value is not None and (not value.startswith("s3://") or len(value) <= len("s3://")):
+def _check_s3_uri(value: str) -> str:
+    if not value.startswith("s3://") or len(value) <= len("s3://"):
         raise ValueError(f"'{value}' is not an S3 URI; write s3://<bucket>/<prefix>")
     return value
+
+
+S3Uri = Annotated[str, AfterValidator(_check_s3_uri)]  # s3://bucket/prefix
 
 
 class StorageConfig(Section):
@@ -39,15 +50,12 @@ class StorageConfig(Section):
     (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or an AWS profile (AWS_PROFILE).
     """
 
-    endpoint_url: str | None = (
-        None  # S3-compatible endpoint; null: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS
-    )
+    # An S3-compatible endpoint; null: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS itself.
+    endpoint_url: str | None = None
     region: str | None = None  # null: AWS_DEFAULT_REGION or the profile's
     max_attempts: int = Field(5, ge=1, le=20)  # per request and per download
     timeout_seconds: float = Field(60.0, gt=0.0)  # connect and read timeouts
-    dvc_remote: str | None = (
-        None  # s3://bucket/prefix; the environment variable PIPELINE_DVC_REMOTE_URL overrides it
-    )
+    dvc_remote: S3Uri | None = None  # the environment variable PIPELINE_DVC_REMOTE_URL overrides it
 
     @field_validator("endpoint_url")
     @classmethod
@@ -62,11 +70,6 @@ class StorageConfig(Section):
                     "in the environment (or AWS_PROFILE) instead"
                 )
         return value
-
-    @field_validator("dvc_remote")
-    @classmethod
-    def _s3_scheme(cls, value: str | None) -> str | None:
-        return _check_s3_uri(value)
 
 
 class PathsConfig(Section):
@@ -107,15 +110,8 @@ class TfdsSource(Section):
 class S3Source(Section):
     """Images in S3: s3://<bucket>/<prefix>/<class>/<image>, downloaded incrementally."""
 
-    uri: str | None = None  # s3://bucket/prefix; the environment variable PIPELINE_INGEST_S3_URI overrides it
-    cache: Path = Path(
-        ".cache/s3"
-    )  # downloaded objects and their ETags; unchanged objects are not fetched again
-
-    @field_validator("uri")
-    @classmethod
-    def _s3_scheme(cls, value: str | None) -> str | None:
-        return _check_s3_uri(value)
+    uri: S3Uri | None = None  # the environment variable PIPELINE_INGEST_S3_URI overrides it
+    cache: Path = Path(".cache/s3")  # the mirror and its ETags; unchanged objects are not fetched again
 
 
 class IngestConfig(Section):
@@ -320,9 +316,7 @@ class DriftConfig(Section):
     """Drift checks on new batches and when they retrain (flows/retraining.py)."""
 
     landing: Path = Path("data/landing")  # new batches: <landing>/<batch>/<class>/<image> or /<image>
-    landing_s3: str | None = (
-        None  # s3://bucket/prefix pulled into `landing`; env PIPELINE_LANDING_S3_URI overrides
-    )
+    landing_s3: S3Uri | None = None  # pulled into `landing`; env PIPELINE_LANDING_S3_URI overrides it
     archive: Path = Path("data/landing_archive")  # checked batches are moved here, never deleted
     settle_seconds: float = Field(60.0, ge=0.0)  # a batch is ready when no file changed for this long
     alpha: float = Field(0.1, gt=0.0, lt=1.0)  # family-wise level, split across the detectors that run
@@ -336,11 +330,6 @@ class DriftConfig(Section):
     min_batch_images: int = Field(50, ge=1)  # labelled images a drifted batch needs to be trained on
     cooldown_hours: float = Field(24.0, ge=0.0)  # no retraining sooner than this after the last one
     max_model_age_days: float = Field(30.0, gt=0.0)  # retrain without drift when the champion is older
-
-    @field_validator("landing_s3")
-    @classmethod
-    def _s3_scheme(cls, value: str | None) -> str | None:
-        return _check_s3_uri(value)
 
 
 class PipelineConfig(Section):
