@@ -1,6 +1,6 @@
 """Benchmark of one drift check: a 2,000-image reference against batches of 250 to 4,000 images.
 
-Times what the drift-check flow does for each batch (`monitor.check_batch`:
+Times what the drift-check flow does for each batch (`pipeline.monitoring.check.check_batch`:
 decode, image statistics, embedding and softmax extraction with the model,
 every detector; then the JSON and HTML reports), with the project's trained
 model and the detector settings from params.yaml. Reference and batches are
@@ -33,12 +33,14 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from pipeline import drift_report, monitor  # noqa: E402
-from pipeline.config import StagePaths, load_config  # noqa: E402
-from pipeline.landing import read_batch  # noqa: E402
-from pipeline.profile import build_reference  # noqa: E402
-from pipeline.synthetic import unchanged, write_batch  # noqa: E402
-from pipeline.train.models import load_trained  # noqa: E402
+from pipeline.artifacts import load_trained_model  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.monitoring import check as monitor  # noqa: E402
+from pipeline.monitoring import report as drift_report  # noqa: E402
+from pipeline.monitoring.landing import read_batch  # noqa: E402
+from pipeline.monitoring.profile import build_reference  # noqa: E402
+from pipeline.monitoring.shifts import unchanged, write_batch  # noqa: E402
+from pipeline.paths import StagePaths  # noqa: E402
 
 
 def main() -> None:
@@ -52,7 +54,7 @@ def main() -> None:
     paths = StagePaths.from_config(cfg.paths, ROOT)
     if not paths.keras_model.is_file():
         raise SystemExit(f"{paths.keras_model} not found: run `make run` first")
-    model, class_names = load_trained(paths.keras_model)
+    model, class_names = load_trained_model(paths)
     pool = sorted(paths.raw.rglob("*.png"))
     rng = np.random.default_rng(0)
     chosen = [pool[i] for i in rng.choice(len(pool), args.reference, replace=True)]

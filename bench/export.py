@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    from pipeline.config import StagePaths, load_config
+    from pipeline.config import load_config
     from pipeline.errors import ConfigError
+    from pipeline.paths import StagePaths
 
     try:
         cfg = load_config(args.params, args.root)
@@ -160,23 +161,22 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
+    from pipeline.artifacts import image_files, load_trained_model, read_split
     from pipeline.export import convert_tflite
-    from pipeline.train.data import load_images, read_split
-    from pipeline.train.models import load_trained
+    from pipeline.images import load_files
 
     info = machine()
-    model, names = load_trained(paths.keras_model)
+    model, names = load_trained_model(paths)
     size = cfg.train.image_size
     test, train = read_split(paths, "test"), read_split(paths, "train")
     if test.empty:
         print(f"error: {paths.split_file('test')} has no rows", file=sys.stderr)
         return 1
-    images = load_images(test, paths.root, size)
+    images = load_files(image_files(test, paths.root), size)
     labels = np.array([names.index(label) for label in test["label"]])
     keras_predicted = model.predict(images, batch_size=cfg.train.batch_size, verbose=0).argmax(axis=1)
-    calibration = load_images(  # the same sample as pipeline.export.run
-        train.sample(min(cfg.export.calibration_images, len(train)), random_state=0), paths.root, size
-    )
+    calibration_rows = train.sample(min(cfg.export.calibration_images, len(train)), random_state=0)
+    calibration = load_files(image_files(calibration_rows, paths.root), size)  # as pipeline.export.run
 
     rows: dict[str, dict] = {
         "keras": {

@@ -36,8 +36,9 @@ import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.images import decode_and_resize  # noqa: E402
 from pipeline.train.augment import augmentation  # noqa: E402
-from pipeline.train.data import AUTOTUNE, decode_and_resize, image_dataset  # noqa: E402
+from pipeline.train.data import AUTOTUNE, image_dataset  # noqa: E402
 
 SIZE = 224
 CLASSES = 10

@@ -25,13 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PLAIN = """
 from pathlib import Path
-from flows.stages import STAGE_ORDER, STAGES
-from pipeline.config import StagePaths, load_config
+from pipeline.config import load_config
+from pipeline.paths import StagePaths
+from pipeline.stages import STAGES
 root = Path.cwd()
 cfg = load_config(root / "params.yaml", root)
 paths = StagePaths.from_config(cfg.paths, root)
-for stage in STAGE_ORDER:
-    STAGES[stage](cfg, paths)
+for stage in STAGES:
+    stage.entry()(cfg, paths)
 """
 
 BIN = Path(sys.executable).parent

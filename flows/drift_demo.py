@@ -8,14 +8,14 @@ decides whether the retrained model becomes champion.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 
 from flows.retraining import drift_check_flow
 from flows.training import PROJECT_ROOT
-from pipeline.config import StagePaths, load_config
-from pipeline.synthetic import brightness, write_batch
-from pipeline.train.data import read_split
+from pipeline.artifacts import image_files, read_report, read_split
+from pipeline.config import load_config
+from pipeline.monitoring.shifts import brightness, write_batch
+from pipeline.paths import StagePaths
 
 
 def main() -> None:
@@ -25,15 +25,15 @@ def main() -> None:
     test = read_split(paths, "test")
     name = f"demo-brightness-{datetime.now(UTC):%Y%m%dT%H%M%S}"
     batch = write_batch(
-        [PROJECT_ROOT / p for p in test["path"]],
+        image_files(test, paths.root),
         list(test["label"]),
-        PROJECT_ROOT / cfg.drift.landing / name,
+        paths.resolve(cfg.drift.landing) / name,
         brightness(0.3),
         seed=0,
     )
     print(f"landed {len(test)} labelled images, brightness +0.3, at {batch.relative_to(PROJECT_ROOT)}")
     summary = drift_check_flow(settle_seconds=0, overrides={"drift.cooldown_hours": 0})
-    report = json.loads((paths.reports / "drift" / f"{name}.json").read_text())
+    report = read_report(paths.drift_reports / f"{name}.json", "drift-check")
     print(f"\ndrift check of {name}: {'DRIFT' if report['drift'] else 'no drift'}")
     for detector in report["detectors"]:
         print(

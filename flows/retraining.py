@@ -32,9 +32,13 @@ from prefect.events import emit_event
 from flows import artifacts
 from flows.locks import file_lock
 from flows.training import PROJECT_ROOT, training_flow, transient_only
-from pipeline import drift_report, landing, monitor, s3
-from pipeline.config import PipelineConfig, StagePaths, load_config, parse_config, with_overrides
+from pipeline import s3
+from pipeline.artifacts import read_report
+from pipeline.config import PipelineConfig, load_config, parse_config, with_overrides
 from pipeline.errors import ConfigError, GateFailed, PipelineError
+from pipeline.monitoring import check, landing, policy
+from pipeline.monitoring import report as drift_report
+from pipeline.paths import StagePaths
 
 
 def artifact_key(text: str) -> str:
@@ -59,9 +63,9 @@ def drift_config(project: Path, overrides: dict[str, Any] | None) -> PipelineCon
 
 
 @task(retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=transient_only, cache_policy=NONE)
-def load_champion(cfg: PipelineConfig, project: Path) -> monitor.Champion | None:
+def load_champion(cfg: PipelineConfig, project: Path) -> check.Champion | None:
     """The champion and its drift reference (registry I/O: retried)."""
-    return monitor.load_champion(cfg.mlflow, project)
+    return check.load_champion(cfg.mlflow, project)
 
 
 @task(retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=transient_only, cache_policy=NONE)
@@ -72,12 +76,12 @@ def pull_landing(location: s3.S3Location, landing_dir: Path, cfg: PipelineConfig
 
 @task(cache_policy=NONE)
 def check_batch(
-    path: Path, champion: monitor.Champion, cfg: PipelineConfig, paths: StagePaths
-) -> monitor.DriftReport:
+    path: Path, champion: check.Champion, cfg: PipelineConfig, paths: StagePaths
+) -> check.DriftReport:
     """Run the detectors on one batch; write its JSON and HTML reports and a Prefect artifact."""
     batch = landing.read_batch(path)
-    report, profile = monitor.check_batch(batch, champion, cfg.drift, cfg.ingest.max_pixels)
-    files = drift_report.write_reports(report, champion.reference, profile, paths.reports / "drift")
+    report, profile = check.check_batch(batch, champion, cfg.drift, cfg.ingest.max_pixels)
+    files = drift_report.write_reports(report, champion.reference, profile, paths.drift_reports)
     create_markdown_artifact(
         artifacts.drift_markdown(report.to_dict()),
         key=f"drift-{artifact_key(batch.name)}",
@@ -89,13 +93,13 @@ def check_batch(
 
 @task(retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=transient_only, cache_policy=NONE)
 def log_monitoring_run(
-    report: monitor.DriftReport, files: tuple[Path, Path], cfg: PipelineConfig, root: Path
+    report: check.DriftReport, files: tuple[Path, Path], cfg: PipelineConfig, root: Path
 ) -> str:
     """The check's MLflow run in the drift-monitoring experiment (tracking I/O: retried)."""
     return drift_report.log_monitoring_run(report, files, cfg.mlflow, root)
 
 
-def alert(batch: str, message: str, report: monitor.DriftReport | None = None) -> None:
+def alert(batch: str, message: str, report: check.DriftReport | None = None) -> None:
     """Tell people: a warning in the flow log, an artifact, and a Prefect event automations can act on."""
     get_run_logger().warning("drift alert for batch %s: %s", batch, message)
     create_markdown_artifact(
@@ -114,26 +118,14 @@ def accept_batch(path: Path, paths: StagePaths) -> str:
     return str(landing.accept(landing.read_batch(path), paths.batches, paths.root).relative_to(paths.root))
 
 
-def triage(path: Path, report: monitor.DriftReport, cfg: PipelineConfig, archive: Path) -> tuple[str, bool]:
-    """Move a checked batch aside unless it should train; returns (outcome, usable for training)."""
-    if not report.drift:
-        landing.move_aside(path, archive, landing.PROCESSED)
-        return "no drift", False
-    alarms = ", ".join(report.alarms)
-    if not report.labelled:
-        target = landing.move_aside(path, archive, landing.AWAITING_LABELS)
-        alert(path.name, f"drift ({alarms}) in an unlabelled batch; kept at {target} for labelling", report)
-        return f"drift ({alarms}), unlabelled: awaiting labels", False
-    if report.images < cfg.drift.min_batch_images:
-        target = landing.move_aside(path, archive, landing.PROCESSED)
-        alert(
-            path.name,
-            f"drift ({alarms}) but only {report.images} images (drift.min_batch_images "
-            f"{cfg.drift.min_batch_images}); not trained on, kept at {target}",
-            report,
-        )
-        return f"drift ({alarms}), too small to train on", False
-    return f"drift ({alarms})", True
+def set_aside(path: Path, report: check.DriftReport, cfg: PipelineConfig, archive: Path) -> tuple[str, bool]:
+    """Act on the policy's triage: move the batch aside (alerting when it says so) unless it trains."""
+    decided = policy.triage(report, cfg.drift)
+    if decided.archive is not None:
+        target = landing.move_aside(path, archive, decided.archive)
+        if decided.alert:
+            alert(path.name, f"{decided.alert}; moved to {target}", report)
+    return decided.outcome, decided.trainable
 
 
 def retrain(project: Path, usable: list[Path], paths: StagePaths, archive: Path, logger: Any) -> str:
@@ -144,7 +136,7 @@ def retrain(project: Path, usable: list[Path], paths: StagePaths, archive: Path,
     force = None if usable else ["ingest", "train"]
     try:
         training_flow(root=str(project), force=force)
-        registered = json.loads(paths.report("register.json").read_text())
+        registered = read_report(paths.register_report, "register")
         verdict = f"gate passed: {registered['model_name']} v{registered['version']} is the new champion"
     except GateFailed as error:
         verdict = f"gate failed, champion unchanged: {error}"
@@ -175,7 +167,7 @@ def drift_check_flow(
         overrides = {**(overrides or {}), "drift.settle_seconds": settle_seconds}
     cfg = drift_config(project, overrides)
     paths = StagePaths.from_config(cfg.paths, project)
-    landing_dir, archive = project / cfg.drift.landing, project / cfg.drift.archive
+    landing_dir, archive = paths.resolve(cfg.drift.landing), paths.resolve(cfg.drift.archive)
     summary: dict[str, Any] = {"status": "checked", "batches": {}}
     with file_lock(landing_dir / ".drift-check.lock", wait=False) as held:
         if not held:
@@ -186,8 +178,8 @@ def drift_check_flow(
             logger.warning("no champion in the registry yet: run the training flow first")
             return {**summary, "status": "skipped: no champion"}
         summary["champion"] = f"{champion.name} v{champion.version}"
-        bucket = s3.resolve_uri(cfg.drift.landing_s3, s3.LANDING_URI_ENV, "drift.landing_s3")
-        if bucket is not None:
+        if cfg.drift.landing_s3:
+            bucket = s3.parse_uri(cfg.drift.landing_s3, "drift.landing_s3")
             summary["pulled_from_s3"] = pull_landing(bucket, landing_dir, cfg)
             logger.info("pulled %d batches from %s", len(summary["pulled_from_s3"]), bucket)
         usable = []
@@ -199,14 +191,14 @@ def drift_check_flow(
                 alert(path.name, f"{error}; moved to {target}")
                 summary["batches"][path.name] = f"rejected: {error}"
                 continue
-            outcome, trainable = triage(path, report, cfg, archive)
+            outcome, trainable = set_aside(path, report, cfg, archive)
             summary["batches"][path.name] = outcome
             if trainable:
                 usable.append(path)
-        decision = monitor.retrain_decision(
+        decision = policy.retrain_decision(
             len(usable),
             champion.created,
-            monitor.last_training_start(cfg.mlflow, project),
+            policy.last_training_start(cfg.mlflow, project),
             datetime.now(UTC),
             cfg.drift,
         )

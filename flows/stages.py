@@ -8,43 +8,16 @@ lock file and cache are exactly what `dvc repro` would have left.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from contextlib import chdir
 from pathlib import Path
-from typing import Any
 
 from dvc.repo import Repo
 
-from pipeline import baseline, evaluate, export, gate, ingest, profile, register, split, train, validate
-from pipeline.config import PipelineConfig, StagePaths, load_config
+from pipeline.config import load_config
+from pipeline.paths import StagePaths
+from pipeline.stages import stage as registered
 
 log = logging.getLogger(__name__)
-
-STAGE_ORDER = (
-    "ingest",
-    "validate",
-    "split",
-    "baseline",
-    "train",
-    "evaluate",
-    "reference",
-    "export",
-    "gate",
-    "register",
-)
-
-STAGES: dict[str, Callable[[PipelineConfig, StagePaths], Any]] = {
-    "ingest": lambda cfg, paths: ingest.run(cfg.ingest, paths, cfg.storage),
-    "validate": lambda cfg, paths: validate.run(cfg.validate_, paths),
-    "split": lambda cfg, paths: split.run(cfg.split, paths),
-    "baseline": lambda cfg, paths: baseline.run(cfg.baseline, paths),
-    "train": train.run,
-    "evaluate": evaluate.run,
-    "reference": profile.run,
-    "export": export.run,
-    "gate": gate.run,
-    "register": register.run,
-}
 
 
 def is_up_to_date(root: Path, stage: str) -> bool:
@@ -73,8 +46,49 @@ def run_stage(stage: str, root: Path, force: bool = False) -> str:
     if not force and is_up_to_date(root, stage):
         log.info("%s: up to date (dvc status), skipped", stage)
         return "skipped"
-    params = root / "params.yaml"
-    cfg = load_config(params, root)
-    STAGES[stage](cfg, StagePaths.from_config(cfg.paths, root))
+    log.info("%s: %s", stage, registered(stage).summary)
+    cfg = load_config(root / "params.yaml", root)
+    registered(stage).entry()(cfg, StagePaths.from_config(cfg.paths, root))
     record(root, stage)
     return "ran"
+
+
+# Who `dvc exp save` commits as when git has no identity configured (a fresh CI machine, a container).
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "image-pipeline",
+    "GIT_AUTHOR_EMAIL": "image-pipeline@localhost",
+    "GIT_COMMITTER_NAME": "image-pipeline",
+    "GIT_COMMITTER_EMAIL": "image-pipeline@localhost",
+}
+
+
+def save_experiment(root: Path, name: str) -> str:
+    """`dvc exp save -n <name>`: keep the workspace's params, dvc.lock and metrics as a DVC experiment.
+
+    The workspace itself is left as it is; `dvc exp show` lists the experiment
+    and `dvc exp apply <name>` brings it back.
+
+    Returns:
+        The experiment's name, or why it could not be saved (no git repository, say).
+    """
+    import os
+    import subprocess
+
+    from dvc.exceptions import DvcException
+    from scmrepo.exceptions import SCMError
+
+    configured = (
+        subprocess.run(["git", "config", "user.email"], cwd=root, capture_output=True).returncode == 0
+    )
+    missing = {} if configured else {k: v for k, v in GIT_IDENTITY.items() if not os.environ.get(k)}
+    os.environ.update(missing)  # only for the commit below, and only when git knows no user
+    try:
+        with chdir(root), Repo(str(root)) as repo:
+            repo.experiments.save(name=name, force=True)
+        return name
+    except (DvcException, SCMError) as error:
+        log.warning("could not save DVC experiment %s: %s", name, error)
+        return f"not saved ({error.__class__.__name__}: {error})"
+    finally:
+        for key in missing:
+            os.environ.pop(key, None)

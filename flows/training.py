@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import json
 import os
-
-os.environ.setdefault(
-    "TF_CPP_MIN_LOG_LEVEL", "2"
-)  # before TensorFlow loads: silence its C++ start-up chatter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
+import pipeline.logs  # noqa: F401, I001  (first: TensorFlow's log threshold is read when it loads)
 from flows import artifacts
 from flows.locks import file_lock
-from flows.stages import STAGE_ORDER, run_stage
+from flows.stages import run_stage, save_experiment
 from pipeline import tracking
 from pipeline.config import load_config, parse_config, with_overrides
 from pipeline.errors import PipelineError
+from pipeline.paths import StagePaths
+from pipeline.stages import STAGE_NAMES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +57,7 @@ STAGE_TASKS = {
         retry_delay_seconds=[2, 5, 15][: RETRIES.get(stage, 0)] or 0,
         retry_condition_fn=transient_only,
     )
-    for stage in STAGE_ORDER
+    for stage in STAGE_NAMES
 }
 
 REPORT_ARTIFACTS = {
@@ -67,11 +69,8 @@ REPORT_ARTIFACTS = {
 }
 
 
-def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
-    """Write flow-parameter overrides into params.yaml, keeping its comments.
-
-    Like `dvc exp run --set-param`, the override lands in params.yaml, so DVC,
-    the stages and the MLflow run all see (and record) the same values.
+def write_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
+    """Write overrides into params.yaml, keeping its comments (as `dvc exp run --set-param` does).
 
     Raises:
         ConfigError: when an override names an unknown key or fails validation.
@@ -91,11 +90,45 @@ def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
         yaml.dump(document, handle)
 
 
+@contextmanager
+def run_scoped_params(params_file: Path, overrides: dict[str, Any]) -> Iterator[None]:
+    """params.yaml with the overrides for the block only; afterwards it is byte for byte as before.
+
+    DVC's status and lock, the stages and the MLflow run all read params.yaml,
+    so during the run they all see (and record) the overridden values; the next
+    run without overrides finds the committed ones again, and `dvc status`
+    reports the stages whose outputs came from the override.
+    """
+    if not overrides:
+        yield
+        return
+    committed = params_file.read_bytes()
+    try:
+        write_overrides(params_file, overrides)
+        yield
+    finally:
+        params_file.write_bytes(committed)
+
+
+def record_override_run(root: Path, overrides: dict[str, Any], experiment: str) -> None:
+    """Tag the run's MLflow run with the overrides and the DVC experiment that holds its state."""
+    cfg = load_config(root / "params.yaml", root)
+    paths = StagePaths.from_config(cfg.paths, root)
+    if not paths.run_file.is_file():
+        return
+    with tracking.resume_run(cfg.mlflow, paths):
+        import mlflow
+
+        mlflow.set_tags(
+            {"pipeline.overrides": json.dumps(overrides, sort_keys=True), "dvc.experiment": experiment}
+        )
+
+
 def publish_report(stage: str, root: Path) -> None:
     """Publish the stage's report as a markdown artifact of the flow run."""
     name, key, render = REPORT_ARTIFACTS[stage]
     cfg = load_config(root / "params.yaml", root)
-    report = root / cfg.paths.reports / name
+    report = StagePaths.from_config(cfg.paths, root).reports / name
     if report.is_file():
         create_markdown_artifact(
             render(json.loads(report.read_text())),
@@ -107,7 +140,7 @@ def publish_report(stage: str, root: Path) -> None:
 def publish_mlflow_link(root: Path) -> str | None:
     """A link artifact to the pipeline's MLflow run."""
     cfg = load_config(root / "params.yaml", root)
-    run_file = root / cfg.paths.models / "mlflow_run.json"
+    run_file = StagePaths.from_config(cfg.paths, root).run_file
     if not run_file.is_file():
         return None
     run = json.loads(run_file.read_text())
@@ -162,24 +195,37 @@ def training_flow(
     logger = get_run_logger()
     project = Path(root).resolve() if root else PROJECT_ROOT
     requested = requested_overrides(epochs, model, overrides)
-    outcome = {}
-    with file_lock(project / ".cache" / "training.lock", wait=True):
+    outcome: dict[str, str] = {}
+    experiment = f"override-{datetime.now(UTC):%Y%m%dT%H%M%S%f}"
+    with (
+        file_lock(project / ".cache" / "training.lock", wait=True),
+        run_scoped_params(project / "params.yaml", requested),
+    ):
         if requested:
-            apply_overrides(project / "params.yaml", requested)
-            logger.info("params.yaml overrides: %s", requested)
-        # A tracking server that is down fails the flow now, not after ingest and training.
-        cfg = load_config(project / "params.yaml", project)
-        tracking.check_server(tracking.tracking_uri(project), cfg.mlflow.connect_timeout_seconds)
-        for stage in STAGE_ORDER:
-            try:
-                outcome[stage] = STAGE_TASKS[stage](stage, project, stage in (force or []))
-            finally:  # a failed validation or gate still publishes the report that says why
-                if stage in REPORT_ARTIFACTS:
-                    publish_report(stage, project)
-            if stage == "train":
-                publish_mlflow_link(project)
+            logger.info("overrides for this run only: %s (DVC experiment %s)", requested, experiment)
+        try:
+            run_stages(project, force or [], outcome)
+        finally:  # an override run that failed at the gate is recorded too
+            if requested and outcome:
+                recorded = save_experiment(project, experiment)
+                record_override_run(project, requested, recorded)
     logger.info("stages: %s", outcome)
     return outcome
+
+
+def run_stages(project: Path, force: list[str], outcome: dict[str, str]) -> None:
+    """Every stage in registry order; `outcome` collects 'ran' or 'skipped' as they finish."""
+    # A tracking server that is down fails the flow now, not after ingest and training.
+    cfg = load_config(project / "params.yaml", project)
+    tracking.check_server(tracking.tracking_uri(project), cfg.mlflow.connect_timeout_seconds)
+    for stage in STAGE_NAMES:
+        try:
+            outcome[stage] = STAGE_TASKS[stage](stage, project, stage in force)
+        finally:  # a failed validation or gate still publishes the report that says why
+            if stage in REPORT_ARTIFACTS:
+                publish_report(stage, project)
+        if stage == "train":
+            publish_mlflow_link(project)
 
 
 def main() -> None:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 from skimage.feature import hog
 from sklearn.decomposition import PCA
@@ -16,8 +14,10 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from pipeline.config import BaselineConfig, StagePaths
+from pipeline.artifacts import read_split, write_report
+from pipeline.config import BaselineConfig, PipelineConfig
 from pipeline.ingest.images import luminance
+from pipeline.paths import StagePaths
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,10 @@ def baseline_model(cfg: BaselineConfig) -> Pipeline:
     )
 
 
-def run(cfg: BaselineConfig, paths: StagePaths) -> BaselineResult:
+def run(config: PipelineConfig, paths: StagePaths) -> BaselineResult:
     """Fit on the train split, score on the test split, write reports/baseline.json."""
-    train = pd.read_csv(paths.split_file("train"), dtype=str, keep_default_na=False)
-    test = pd.read_csv(paths.split_file("test"), dtype=str, keep_default_na=False)
+    cfg = config.baseline
+    train, test = read_split(paths, "train"), read_split(paths, "test")
     model = baseline_model(cfg).fit(hog_features(list(train["path"]), paths.root, cfg), train["label"])
     predicted = model.predict(hog_features(list(test["path"]), paths.root, cfg))
     report = {
@@ -70,8 +70,7 @@ def run(cfg: BaselineConfig, paths: StagePaths) -> BaselineResult:
         "train_images": len(train),
         "test_images": len(test),
     }
-    paths.reports.mkdir(parents=True, exist_ok=True)
-    paths.report("baseline.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, paths.baseline_report)
     log.info(
         "baseline HOG+PCA+SVM: test accuracy %.4f (%d PCA components)",
         report["accuracy"],

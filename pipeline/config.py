@@ -6,8 +6,10 @@ path instead of being silently ignored.
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -142,7 +144,9 @@ class ValidateConfig(Section):
     min_side: int = Field(8, ge=1)
     max_side: int = Field(8192, ge=1)
     allowed_formats: list[str] = ["PNG", "JPEG", "BMP", "GIF", "WEBP"]
-    allowed_modes: list[str] = ["L", "P", "RGB", "RGBA", "CMYK", "I;16"]
+    allowed_modes: list[str] = [
+        "1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr", "I", "I;16", "I;16B", "I;16L", "F",
+    ]  # fmt: skip
 
     @model_validator(mode="after")
     def _sides_ordered(self) -> ValidateConfig:
@@ -178,11 +182,11 @@ class AugmentConfig(Section):
     """Random augmentation of training images only; 0 or `none` turns a transform off."""
 
     flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "none"
-    rotation: float = Field(0.0, ge=0.0, le=0.5)
-    zoom: float = Field(0.0, ge=0.0, lt=1.0)
-    translation: float = Field(0.0, ge=0.0, lt=1.0)
-    brightness: float = Field(0.0, ge=0.0, lt=1.0)
-    contrast: float = Field(0.0, ge=0.0, lt=1.0)
+    rotation: float = Field(0.03, ge=0.0, le=0.5)  # fraction of a full turn
+    zoom: float = Field(0.1, ge=0.0, lt=1.0)
+    translation: float = Field(0.08, ge=0.0, lt=1.0)
+    brightness: float = Field(0.1, ge=0.0, lt=1.0)
+    contrast: float = Field(0.1, ge=0.0, lt=1.0)
 
 
 class FineTuneConfig(Section):
@@ -352,88 +356,31 @@ class PipelineConfig(Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-@dataclass(frozen=True)
-class StagePaths:
-    """Absolute locations of every stage input and output under one root."""
-
-    root: Path
-    raw: Path
-    manifest: Path
-    quarantine: Path
-    splits: Path
-    reports: Path
-    models: Path
-    train_backup: Path
-    batches: Path
-    reference: Path
-
-    @classmethod
-    def from_config(cls, paths: PathsConfig, root: Path) -> StagePaths:
-        """Resolve the configured relative paths against the project root."""
-        root = root.resolve()
-        return cls(
-            root=root,
-            raw=root / paths.raw,
-            manifest=root / paths.manifest,
-            quarantine=root / paths.quarantine,
-            splits=root / paths.splits,
-            reports=root / paths.reports,
-            models=root / paths.models,
-            train_backup=root / paths.train_backup,
-            batches=root / paths.batches,
-            reference=root / paths.reference,
-        )
-
-    @property
-    def validation_report(self) -> Path:
-        return self.reports / "validation.json"
-
-    @property
-    def data_docs(self) -> Path:
-        return self.reports / "data_docs"
-
-    @property
-    def split_report(self) -> Path:
-        return self.reports / "split.json"
-
-    @property
-    def keras_model(self) -> Path:
-        return self.models / "keras" / "model.keras"
-
-    @property
-    def run_file(self) -> Path:
-        """Where train records the MLflow run that later stages resume."""
-        return self.models / "mlflow_run.json"
-
-    @property
-    def savedmodel(self) -> Path:
-        return self.models / "savedmodel"
-
-    @property
-    def tflite(self) -> Path:
-        return self.models / "tflite"
-
-    @property
-    def labels(self) -> Path:
-        return self.models / "labels.txt"
-
-    def report(self, name: str) -> Path:
-        """A file under the reports folder."""
-        return self.reports / name
-
-    def split_file(self, name: str) -> Path:
-        """The CSV of one split: train, val or test."""
-        return self.splits / f"{name}.csv"
-
-    def relative(self, path: Path) -> str:
-        """A path as written in manifests: relative to the root, POSIX separators."""
-        return path.relative_to(self.root).as_posix()
+# Settings a deployment gives as environment variables (bucket names differ per environment). They are
+# applied once, when params are parsed, so every stage and flow sees the same value.
+INGEST_URI_ENV = "PIPELINE_INGEST_S3_URI"
+LANDING_URI_ENV = "PIPELINE_LANDING_S3_URI"
+DVC_REMOTE_ENV = "PIPELINE_DVC_REMOTE_URL"
+ENV_OVERRIDES = {
+    INGEST_URI_ENV: "ingest.s3.uri",
+    LANDING_URI_ENV: "drift.landing_s3",
+    DVC_REMOTE_ENV: "storage.dvc_remote",
+}
 
 
-def _format_errors(source: Path, error: ValidationError) -> str:
+def environment_overrides(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The ENV_OVERRIDES that are set (non-empty), as dotted params keys."""
+    environ = os.environ if environ is None else environ
+    return {key: environ[name] for name, key in ENV_OVERRIDES.items() if environ.get(name)}
+
+
+def _format_errors(source: Path, error: ValidationError, from_env: Mapping[str, str]) -> str:
+    by_key = {key: name for name, key in ENV_OVERRIDES.items() if key in from_env}
     lines = []
     for item in error.errors():
         key = ".".join("validate" if part == "validate_" else str(part) for part in item["loc"])
+        if key in by_key:
+            key = f"{key}: {by_key[key]}"  # the value came from this environment variable
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key; remove it or check its spelling against params.yaml"
@@ -443,49 +390,68 @@ def _format_errors(source: Path, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_config(raw: Any, source: Path = DEFAULT_PARAMS) -> PipelineConfig:
-    """Validate an already-loaded params mapping.
+def parse_config(
+    raw: Any, source: Path = DEFAULT_PARAMS, environ: Mapping[str, str] | None = None
+) -> PipelineConfig:
+    """Validate an already-loaded params mapping, with the ENV_OVERRIDES applied.
 
     Args:
         raw: the mapping read from YAML.
         source: the file it came from, named in error messages.
+        environ: where the ENV_OVERRIDES are read (default: the process environment).
 
     Returns:
         The validated, immutable configuration.
 
     Raises:
-        ConfigError: naming each wrong key's dotted path and what was expected.
+        ConfigError: naming each wrong key's dotted path (and variable) and what was expected.
     """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    from_env = environment_overrides(environ)
     try:
-        return PipelineConfig.model_validate(raw)
+        return PipelineConfig.model_validate(with_overrides(raw, from_env, create=True))
     except ValidationError as error:
-        raise ConfigError(_format_errors(source, error)) from None
+        raise ConfigError(_format_errors(source, error, from_env)) from None
 
 
-def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def with_overrides(raw: dict[str, Any], overrides: Mapping[str, Any], create: bool = False) -> dict[str, Any]:
     """A copy of a params mapping with dotted keys replaced, e.g. {"train.epochs": 5}.
 
-    Raises:
-        ConfigError: when a key does not name an existing params entry.
-    """
-    import copy
+    Args:
+        raw: the params mapping (not changed).
+        overrides: values by dotted key.
+        create: add keys and sections the mapping leaves out (they then get checked as any key is);
+            without it, an override must name an existing entry.
 
+    Raises:
+        ConfigError: when a key does not name an existing params entry (and `create` is off).
+    """
     result = copy.deepcopy(raw)
     for dotted, value in overrides.items():
         node = result
         *parents, leaf = dotted.split(".")
         for part in parents:
+            if create and part not in node:
+                node[part] = {}
             if not isinstance(node.get(part), dict):
                 raise ConfigError(f"override {dotted}: '{part}' is not a params section")
             node = node[part]
-        if leaf not in node:
+        if leaf not in node and not create:
             raise ConfigError(f"override {dotted}: unknown key '{leaf}'")
         node[leaf] = value
     return result
+
+
+def resolve_path(path: Path | str, root: Path) -> Path:
+    """A configured path: as given when absolute, else relative to the project root.
+
+    The one place relative paths in params.yaml are resolved.
+    """
+    path = Path(path)
+    return path if path.is_absolute() else root / path
 
 
 def check_sources_exist(cfg: PipelineConfig, root: Path, source: Path = DEFAULT_PARAMS) -> None:
@@ -495,15 +461,13 @@ def check_sources_exist(cfg: PipelineConfig, root: Path, source: Path = DEFAULT_
         ConfigError: when ingest.folder.path is not a directory or train.weights not a file.
     """
     if cfg.train.weights not in {"none", "imagenet"}:
-        weights = Path(cfg.train.weights)
-        weights = weights if weights.is_absolute() else root / weights
+        weights = resolve_path(cfg.train.weights, root)
         if not weights.is_file():
             raise ConfigError(
                 f"{source}: train.weights: {weights} is not a file; use none, imagenet or a weights file path"
             )
     if cfg.ingest.source == "folder" and cfg.ingest.folder.path is not None:
-        folder = cfg.ingest.folder.path
-        folder = folder if folder.is_absolute() else root / folder
+        folder = resolve_path(cfg.ingest.folder.path, root)
         if not folder.is_dir():
             raise ConfigError(
                 f"{source}: ingest.folder.path: directory {folder} does not exist; "

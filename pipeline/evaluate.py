@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -20,7 +19,11 @@ from sklearn.metrics import (
 )
 
 from pipeline import tracking
-from pipeline.config import PipelineConfig, StagePaths
+from pipeline.artifacts import image_files, load_trained_model, read_split, write_report
+from pipeline.config import PipelineConfig
+from pipeline.images import load_files
+from pipeline.inference import predict
+from pipeline.paths import StagePaths
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +139,11 @@ def score_test_split(
     cfg: PipelineConfig, paths: StagePaths
 ) -> tuple[object, list[str], pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
     """The model, class names, test rows, test images, true class indices and predicted probabilities."""
-    from pipeline.train.data import load_images, read_split
-    from pipeline.train.models import load_trained
-
-    model, names = load_trained(paths.keras_model)
+    model, names = load_trained_model(paths)
     test = read_split(paths, "test")
-    images = load_images(test, paths.root, cfg.train.image_size)
+    images = load_files(image_files(test, paths.root), cfg.train.image_size)
     labels = np.array([names.index(label) for label in test["label"]])
-    probabilities = model.predict(images, batch_size=cfg.train.batch_size, verbose=0)
+    probabilities = predict(model, images)
     return model, names, test, images, labels, probabilities
 
 
@@ -152,20 +152,19 @@ def write_reports(
 ) -> None:
     """metrics.json, the confusion matrix PNG, the classification report and per-image predictions."""
     predicted = probabilities.argmax(axis=1)
-    paths.reports.mkdir(parents=True, exist_ok=True)
-    paths.report("metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_report(metrics, paths.metrics)
     plot_confusion(
         confusion_matrix(labels, predicted, labels=range(len(names))),
         names,
-        paths.report("confusion_matrix.png"),
+        paths.confusion_matrix,
     )
-    paths.report("classification_report.txt").write_text(
+    paths.classification_report.write_text(
         classification_report(
             labels, predicted, labels=range(len(names)), target_names=names, digits=4, zero_division=0
         )
     )
     pd.DataFrame({"actual": [names[i] for i in labels], "predicted": [names[i] for i in predicted]}).to_csv(
-        paths.report("predictions.csv"), index=False, lineterminator="\n"
+        paths.predictions, index=False, lineterminator="\n"
     )
 
 
@@ -179,8 +178,8 @@ def run(cfg: PipelineConfig, paths: StagePaths) -> EvaluateResult:
     write_reports(metrics, labels, probabilities, names, paths)
     with tracking.resume_run(cfg.mlflow, paths):
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)})
-        for name in ("metrics.json", "confusion_matrix.png", "classification_report.txt"):
-            mlflow.log_artifact(str(paths.report(name)), "reports")
+        for report in (paths.metrics, paths.confusion_matrix, paths.classification_report):
+            mlflow.log_artifact(str(report), "reports")
     log.info(
         "test accuracy %.4f, macro F1 %.4f, ECE %.4f, %.2f ms/image",
         metrics["accuracy"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -16,8 +15,11 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import tracking
-from pipeline.config import PipelineConfig, StagePaths
-from pipeline.train.data import decode_and_resize, load_images, read_split
+from pipeline.artifacts import image_files, load_trained_model, read_split, write_report
+from pipeline.config import PipelineConfig
+from pipeline.images import decode_and_resize, load_files
+from pipeline.inference import predict
+from pipeline.paths import StagePaths
 
 log = logging.getLogger(__name__)
 
@@ -142,20 +144,17 @@ def savedmodel_predict(folder: Path, image_bytes: list[bytes]) -> dict[str, np.n
 
 def run(cfg: PipelineConfig, paths: StagePaths) -> ExportResult:
     """Export the trained model and measure every variant on the whole test split."""
-    from pipeline.train.models import load_trained
-
-    model, names = load_trained(paths.keras_model)
+    model, names = load_trained_model(paths)
     size = cfg.train.image_size
     test, train = read_split(paths, "test"), read_split(paths, "train")
-    images = load_images(test, paths.root, size)
+    images = load_files(image_files(test, paths.root), size)
     labels = np.array([names.index(label) for label in test["label"]])
-    keras_predicted = model.predict(images, batch_size=cfg.train.batch_size, verbose=0).argmax(axis=1)
-    calibration = load_images(
-        train.sample(min(cfg.export.calibration_images, len(train)), random_state=0), paths.root, size
-    )
+    keras_predicted = predict(model, images).argmax(axis=1)
+    calibration_rows = train.sample(min(cfg.export.calibration_images, len(train)), random_state=0)
+    calibration = load_files(image_files(calibration_rows, paths.root), size)
 
     export_savedmodel(model, names, size, paths.savedmodel)
-    served = savedmodel_predict(paths.savedmodel, [(paths.root / p).read_bytes() for p in test["path"]])
+    served = savedmodel_predict(paths.savedmodel, [f.read_bytes() for f in image_files(test, paths.root)])
     paths.tflite.mkdir(parents=True, exist_ok=True)
     variants = {}
     for variant, flat in convert_tflite(model, calibration).items():
@@ -172,7 +171,7 @@ def run(cfg: PipelineConfig, paths: StagePaths) -> ExportResult:
         },
         "tflite": variants,
     }
-    paths.report("export.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, paths.export_report)
     with tracking.resume_run(cfg.mlflow, paths):
         mlflow.log_metrics(
             {
@@ -183,7 +182,7 @@ def run(cfg: PipelineConfig, paths: StagePaths) -> ExportResult:
             }
         )
         mlflow.log_artifacts(str(paths.tflite), "tflite")
-        mlflow.log_artifact(str(paths.report("export.json")), "reports")
+        mlflow.log_artifact(str(paths.export_report), "reports")
         mlflow.log_artifact(str(paths.labels))
     for variant, row in variants.items():
         log.info(

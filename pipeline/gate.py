@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import mlflow
 import numpy as np
 
-from pipeline import tracking
-from pipeline.config import GateConfig, PipelineConfig, StagePaths
+from pipeline import registry, tracking
+from pipeline.artifacts import image_files, read_class_names, read_report, read_split, write_report
+from pipeline.config import GateConfig, PipelineConfig
+from pipeline.images import load_files
+from pipeline.inference import predict
+from pipeline.paths import StagePaths
 
 log = logging.getLogger(__name__)
-
-CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 @dataclass(frozen=True)
@@ -75,25 +75,13 @@ def threshold_checks(metrics: dict, baseline: dict, export: dict, cfg: GateConfi
     ]
 
 
-def champion_version(model_name: str) -> Any | None:
-    """The registry's current champion version, or None when there is none."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return mlflow.MlflowClient().get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException:
-        return None
-
-
-def champion_accuracy(version: Any, paths: StagePaths, class_names: list[str]) -> float:
+def champion_accuracy(champion: registry.RegisteredModel, paths: StagePaths, class_names: list[str]) -> float:
     """Re-evaluate the champion on this test split (at its own input size)."""
-    from pipeline.train.data import load_images, read_split
-
-    champion = mlflow.tensorflow.load_model(f"models:/{version.name}/{version.version}")
+    model = registry.load_model(champion)
     test = read_split(paths, "test")
-    images = load_images(test, paths.root, int(champion.input_shape[1]))
+    images = load_files(image_files(test, paths.root), int(model.input_shape[1]))
     labels = np.array([class_names.index(label) for label in test["label"]])
-    return float((champion.predict(images, verbose=0).argmax(axis=1) == labels).mean())
+    return float((predict(model, images).argmax(axis=1) == labels).mean())
 
 
 def champion_check(
@@ -101,50 +89,47 @@ def champion_check(
 ) -> GateCheck:
     """No regression beyond the tolerance against the current champion, on this test split."""
     tolerance = -cfg.gate.champion_tolerance
-    version = champion_version(cfg.mlflow.registered_model)
-    if version is None:
+    champion = registry.champion(cfg.mlflow.registered_model)
+    if champion is None:
         return GateCheck(
             "no_regression_vs_champion",
             None,
             tolerance,
             "skipped",
-            f"no '{CHAMPION}' alias on {cfg.mlflow.registered_model} yet (first model)",
+            f"no '{registry.CHAMPION}' alias on {cfg.mlflow.registered_model} yet (first model)",
         )
-    champion_classes = json.loads(version.tags.get("class_names", "null") or "null")
-    if champion_classes != class_names:
+    if champion.class_names != class_names:
         return GateCheck(
             "no_regression_vs_champion",
             None,
             tolerance,
             "skipped",
-            f"champion v{version.version} predicts other classes {champion_classes}",
+            f"champion v{champion.version} predicts other classes {champion.class_names}",
         )
-    theirs = champion_accuracy(version, paths, class_names)
+    theirs = champion_accuracy(champion, paths, class_names)
     return at_least(
         "no_regression_vs_champion",
         accuracy - theirs,
         tolerance,  # change vs champion
-        f"accuracy {accuracy:.4f} vs champion v{version.version} {theirs:.4f} on this test split",
+        f"accuracy {accuracy:.4f} vs champion v{champion.version} {theirs:.4f} on this test split",
     )
 
 
 def run(cfg: PipelineConfig, paths: StagePaths) -> GateResult:
     """Run every check and write reports/gate.json; the register stage acts on the verdict."""
-    from pipeline.train.data import read_class_names
-
-    metrics = json.loads(paths.report("metrics.json").read_text())
-    baseline = json.loads(paths.report("baseline.json").read_text())
-    export = json.loads(paths.report("export.json").read_text())
-    class_names = read_class_names(paths.keras_model.parent / "classes.json")
+    metrics = read_report(paths.metrics, "evaluate")
+    baseline = read_report(paths.baseline_report, "baseline")
+    export = read_report(paths.export_report, "export")
+    class_names = read_class_names(paths.classes)
     with tracking.resume_run(cfg.mlflow, paths):
         checks = threshold_checks(metrics, baseline, export, cfg.gate)
         checks.append(champion_check(metrics["accuracy"], class_names, cfg, paths))
         result = GateResult(checks)
         report = {"passed": result.passed, "checks": {c.name: asdict(c) for c in checks}}
-        paths.report("gate.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_report(report, paths.gate_report)
         mlflow.log_metrics({f"gate_{c.name}": c.value for c in checks if c.value is not None})
         mlflow.set_tag("gate.passed", str(result.passed))
-        mlflow.log_artifact(str(paths.report("gate.json")), "reports")
+        mlflow.log_artifact(str(paths.gate_report), "reports")
     for check in checks:
         log.info(
             "gate %-26s %-7s value %s threshold %s %s",

@@ -18,18 +18,17 @@ REMOTE_NAME = "storage"
 
 
 def remote_url(storage: StorageConfig) -> str:
-    """PIPELINE_DVC_REMOTE_URL, else `storage.dvc_remote`, checked to be s3://bucket/prefix.
+    """`storage.dvc_remote` (which PIPELINE_DVC_REMOTE_URL overrides), checked to be s3://bucket/prefix.
 
     Raises:
-        ConfigError: when neither is set or the value is not an S3 URI.
+        ConfigError: when none is set or the value is not an S3 URI.
     """
-    location = s3.resolve_uri(storage.dvc_remote, s3.DVC_REMOTE_ENV, "storage.dvc_remote")
-    if location is None:
+    if not storage.dvc_remote:
         raise ConfigError(
             f"no DVC remote configured: set storage.dvc_remote in params.yaml or {s3.DVC_REMOTE_ENV} "
             "to s3://<bucket>/<prefix>"
         )
-    return str(location).rstrip("/")
+    return str(s3.parse_uri(storage.dvc_remote, "storage.dvc_remote")).rstrip("/")
 
 
 def _dvc(root: Path, *args: str) -> None:

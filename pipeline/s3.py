@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline.config import StorageConfig
+from pipeline.config import DVC_REMOTE_ENV, INGEST_URI_ENV, LANDING_URI_ENV, StorageConfig
 from pipeline.errors import ConfigError, IngestError
 
 log = logging.getLogger(__name__)
 
-INGEST_URI_ENV = "PIPELINE_INGEST_S3_URI"
-LANDING_URI_ENV = "PIPELINE_LANDING_S3_URI"
-DVC_REMOTE_ENV = "PIPELINE_DVC_REMOTE_URL"
+__all__ = ["DVC_REMOTE_ENV", "INGEST_URI_ENV", "LANDING_URI_ENV"]  # the variables, for messages and tests
 ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # boto3's own names, in its order
 CHUNK = 1 << 20
 
@@ -65,14 +63,6 @@ def parse_uri(uri: str, what: str) -> S3Location:
         raise ConfigError(f"{what}: '{uri}' is not an S3 URI; write s3://<bucket>/<prefix>")
     prefix = parts.path.strip("/")
     return S3Location(parts.netloc, f"{prefix}/" if prefix else "")
-
-
-def resolve_uri(configured: str | None, env: str, what: str) -> S3Location | None:
-    """The environment variable `env` when set, else the configured URI, else None."""
-    value = os.environ.get(env) or configured
-    if not value:
-        return None
-    return parse_uri(value, env if os.environ.get(env) else what)
 
 
 def endpoint_url(storage: StorageConfig) -> str | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +9,11 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from pipeline.config import SplitConfig, StagePaths
+from pipeline.artifacts import write_report
+from pipeline.config import PipelineConfig, SplitConfig
 from pipeline.errors import SplitError
 from pipeline.manifest import read_manifest
+from pipeline.paths import StagePaths
 
 log = logging.getLogger(__name__)
 
@@ -137,11 +138,12 @@ def accepted_images(paths: StagePaths) -> pd.DataFrame:
     return accepted.sort_values("path").reset_index(drop=True)
 
 
-def run(cfg: SplitConfig, paths: StagePaths) -> SplitResult:
+def run(config: PipelineConfig, paths: StagePaths) -> SplitResult:
     """Split the accepted images and write one CSV per split plus reports/split.json.
 
     The same manifest, quarantine and config give byte-identical files.
     """
+    cfg = config.split
     frame = accepted_images(paths)
     if frame.empty:
         raise SplitError(f"{paths.relative(paths.manifest)}: no accepted images to split; run validate first")
@@ -152,7 +154,6 @@ def run(cfg: SplitConfig, paths: StagePaths) -> SplitResult:
         rows = frame[frame["split"] == name][SPLIT_COLUMNS]
         rows.to_csv(paths.split_file(name), index=False, lineterminator="\n", encoding="utf-8")
     report = build_report(frame, cfg)
-    paths.split_report.parent.mkdir(parents=True, exist_ok=True)
-    paths.split_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_report(report, paths.split_report)
     log.info("split %s -> %s", report["totals"], paths.relative(paths.splits))
     return SplitResult(counts=report["totals"], report=paths.split_report)

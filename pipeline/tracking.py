@@ -17,8 +17,9 @@ from typing import Any
 import mlflow
 import yaml
 
-from pipeline.config import MlflowConfig, PipelineConfig, StagePaths
+from pipeline.config import MlflowConfig, PipelineConfig
 from pipeline.errors import PipelineError
+from pipeline.paths import StagePaths
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +168,3 @@ def resume_run(cfg: MlflowConfig, paths: StagePaths) -> Iterator[Any]:
     configure(cfg, paths.root)
     with mlflow.start_run(run_id=read_run_id(paths)) as run:
         yield run
-
-
-def log_json(data: dict, name: str) -> None:
-    """Log a dict as a JSON artifact of the active run."""
-    mlflow.log_dict(data, name)

@@ -12,7 +12,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.config import PipelineConfig, StagePaths, parse_config
+from pipeline.config import PipelineConfig, parse_config
+from pipeline.paths import StagePaths
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.config import IngestConfig, StagePaths, StorageConfig
+from pipeline.config import IngestConfig, PipelineConfig, StorageConfig
 from pipeline.errors import ConfigError
 from pipeline.ingest.images import inspect_image
 from pipeline.ingest.sources import (
@@ -24,6 +24,7 @@ from pipeline.ingest.sources import (
     tfds_dataset,
 )
 from pipeline.manifest import ManifestRow, write_manifest
+from pipeline.paths import StagePaths
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,13 @@ def open_source(
     if cfg.source == "embedded":
         return embedded_digits(cfg.embedded)
     if cfg.source == "tfds":
-        data_dir = cfg.tfds.data_dir
-        return tfds_dataset(cfg.tfds, data_dir if data_dir.is_absolute() else paths.root / data_dir)
+        return tfds_dataset(cfg.tfds, paths.resolve(cfg.tfds.data_dir))
     if cfg.source == "s3":
         from pipeline.ingest.s3_source import s3_tree
 
         return s3_tree(cfg.s3, storage or StorageConfig(), paths.root)
     assert cfg.folder.path is not None  # guaranteed by IngestConfig
-    folder = cfg.folder.path if cfg.folder.path.is_absolute() else paths.root / cfg.folder.path
+    folder = paths.resolve(cfg.folder.path)
     folder = folder.resolve()
     if folder == paths.raw or paths.raw in folder.parents:
         raise ConfigError(
@@ -80,7 +80,7 @@ def ingest_files(
     return rows
 
 
-def run(cfg: IngestConfig, paths: StagePaths, storage: StorageConfig | None = None) -> IngestResult:
+def run(config: PipelineConfig, paths: StagePaths) -> IngestResult:
     """Ingest the configured source, plus the batches accepted into `paths.batches`.
 
     The new tree is assembled in a staging folder and swapped in whole, so a
@@ -88,14 +88,14 @@ def run(cfg: IngestConfig, paths: StagePaths, storage: StorageConfig | None = No
     (your folder, the TFDS data dir) is only read.
 
     Args:
-        cfg: the `ingest` section.
+        config: the configuration (`ingest`, and `storage` for an `s3` source).
         paths: resolved stage paths.
-        storage: the `storage` section (S3 endpoint and retries) for an `s3` source.
 
     Returns:
         Counts of what was ingested.
     """
-    total, files = open_source(cfg, paths, storage)
+    cfg = config.ingest
+    total, files = open_source(cfg, paths, config.storage)
     batch_total, batch_files = accepted_batches(paths.batches)
     if batch_total:
         log.info("adding %d files from accepted batches in %s", batch_total, paths.relative(paths.batches))

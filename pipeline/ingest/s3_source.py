@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import s3
-from pipeline.config import S3Source, StorageConfig
+from pipeline.config import S3Source, StorageConfig, resolve_path
 from pipeline.errors import ConfigError, IngestError
 from pipeline.ingest.sources import SourceFile
 
@@ -32,18 +32,17 @@ class S3Sync:
 
 
 def source_location(source: S3Source) -> s3.S3Location:
-    """The source's bucket and prefix (PIPELINE_INGEST_S3_URI overrides ingest.s3.uri).
+    """The source's bucket and prefix (the config already holds PIPELINE_INGEST_S3_URI when it is set).
 
     Raises:
-        ConfigError: when neither names one.
+        ConfigError: when none is named.
     """
-    location = s3.resolve_uri(source.uri, s3.INGEST_URI_ENV, "ingest.s3.uri")
-    if location is None:
+    if not source.uri:
         raise ConfigError(
             f"ingest.source is 's3' but no bucket is named: set ingest.s3.uri or {s3.INGEST_URI_ENV} "
             "to s3://<bucket>/<prefix>"
         )
-    return location
+    return s3.parse_uri(source.uri, "ingest.s3.uri")
 
 
 def _layout(location: s3.S3Location, objects: list[s3.S3Object]) -> list[tuple[str, str, s3.S3Object]]:
@@ -76,7 +75,7 @@ def sync(source: S3Source, storage: StorageConfig, root: Path) -> S3Sync:
             or a download fails after its retries.
     """
     location = source_location(source)
-    cache_root = source.cache if source.cache.is_absolute() else root / source.cache
+    cache_root = resolve_path(source.cache, root)
     cache = cache_root / location.bucket / location.prefix
     client = s3.client(storage)
     wanted = _layout(location, list(s3.list_objects(client, location)))

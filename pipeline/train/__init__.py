@@ -12,20 +12,18 @@ from pathlib import Path
 
 import keras
 import mlflow
-import numpy as np
-import pandas as pd
 import tensorflow as tf
-from sklearn.utils.class_weight import compute_class_weight
 
 from pipeline import tracking
-from pipeline.config import PipelineConfig, StagePaths, TrainConfig
+from pipeline.artifacts import class_names_of, read_split, write_class_names
+from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.paths import StagePaths
 from pipeline.train import distribute
 from pipeline.train.augment import augmentation
-from pipeline.train.callbacks import training_callbacks
-from pipeline.train.data import class_names_of, image_dataset, read_split, write_class_names
-from pipeline.train.distribute import Distribution
-from pipeline.train.loop import fit_multi_worker
-from pipeline.train.models import BuiltModel, build_model, unfreeze_top
+from pipeline.train.data import image_dataset
+from pipeline.train.mlflow_run import log_run_context, start_or_resume_run
+from pipeline.train.models import build_model, float32_copy, weights_digest
+from pipeline.train.phases import class_weights, fit_phases, history_frame
 
 log = logging.getLogger(__name__)
 
@@ -41,213 +39,12 @@ class TrainResult:
     resumed: bool
 
 
-def class_weights(train: pd.DataFrame, names: list[str], cfg: TrainConfig) -> dict[int, float] | None:
-    """Balanced class weights when asked, or (auto) when the classes are imbalanced."""
-    counts = train["label"].value_counts()
-    imbalanced = counts.max() / counts.min() > cfg.imbalance_threshold
-    if cfg.class_weights == "none" or (cfg.class_weights == "auto" and not imbalanced):
-        return None
-    labels = np.array([names.index(label) for label in train["label"]])
-    weights = compute_class_weight("balanced", classes=np.arange(len(names)), y=labels)
-    return {i: float(w) for i, w in enumerate(weights)}
-
-
 def run_fingerprint(cfg: TrainConfig, paths: StagePaths) -> str:
     """Identifies one training job (config and data), so a resume never picks up another job's state."""
     digest = hashlib.sha256(cfg.model_dump_json().encode())
     for name in ("train", "val"):
         digest.update(paths.split_file(name).read_bytes())
     return digest.hexdigest()[:16]
-
-
-def history_frame(backup: Path) -> pd.DataFrame:
-    """One row per epoch across phases and resumes, from the CSVLogger files (epochs 1-based)."""
-    frames = []
-    for phase in ("train", "head", "fine_tune"):
-        log_file = backup / f"{phase}_history.csv"
-        if log_file.is_file():
-            frames.append(pd.read_csv(log_file).assign(phase=phase))
-    history = pd.concat(frames).drop_duplicates("epoch", keep="last")
-    history["epoch"] += 1
-    return history[["epoch", "phase", *[c for c in history.columns if c not in {"epoch", "phase"}]]]
-
-
-def _compile(model: keras.Model, learning_rate: float, jit_compile: bool) -> None:
-    # Under a mixed_float16 policy Keras wraps the optimizer in a LossScaleOptimizer itself.
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-        jit_compile=jit_compile,
-    )
-
-
-def weights_digest(model: keras.Model) -> str:
-    """sha256 over all weights: workers of one job must end with the same."""
-    digest = hashlib.sha256()
-    for weights in model.get_weights():
-        digest.update(np.ascontiguousarray(weights).tobytes())
-    return digest.hexdigest()
-
-
-def float32_copy(model: keras.Model, cfg: TrainConfig, num_classes: int, root: Path) -> keras.Model:
-    """The same network under the float32 policy, with the trained weights.
-
-    Mixed-precision training keeps its variables in float32, so nothing is
-    lost; the saved model then evaluates, serves and converts to TFLite
-    exactly like a float32-trained one.
-    """
-    keras.mixed_precision.set_global_policy("float32")
-    twin = build_model(cfg.model_copy(update={"weights": "none"}), num_classes, root).model
-    twin.set_weights(model.get_weights())
-    return twin
-
-
-def _fit(
-    model: keras.Model,
-    dist: Distribution,
-    cfg: TrainConfig,
-    train: tf.data.Dataset,
-    val: tf.data.Dataset,
-    *,
-    epochs: int,
-    initial_epoch: int,
-    class_weight: dict[int, float] | None,
-    callbacks: Sequence[keras.callbacks.Callback],
-) -> None:
-    """`model.fit`, or the multi-worker loop where Keras 3's fit cannot run."""
-    if dist.multi_worker:
-        fit_multi_worker(
-            model,
-            dist.strategy,
-            train,
-            val,
-            epochs=epochs,
-            initial_epoch=initial_epoch,
-            class_weight=class_weight,
-            callbacks=callbacks,
-            jit_compile=cfg.jit_compile,
-        )
-        return
-    model.fit(
-        train,
-        validation_data=val,
-        initial_epoch=initial_epoch,
-        epochs=epochs,
-        class_weight=class_weight,
-        callbacks=list(callbacks),
-        verbose=2,
-    )
-
-
-def fit_phases(
-    built: BuiltModel,
-    train: tf.data.Dataset,
-    val: tf.data.Dataset,
-    cfg: TrainConfig,
-    backup: Path,
-    paths: StagePaths,
-    weights: dict[int, float] | None,
-    dist: Distribution,
-    extra: Sequence[keras.callbacks.Callback] = (),
-) -> None:
-    """Train: one phase for the small CNN; head then fine-tuning for transfer models.
-
-    A finished head phase is saved under `backup`, so a run killed during
-    fine-tuning resumes there instead of redoing the head. Only the chief
-    writes checkpoints and TensorBoard logs where users look; other workers
-    keep theirs under `backup`.
-    """
-    scratch = paths.models if dist.chief else backup
-    checkpoint = scratch / "keras" / "checkpoint.keras"
-    tensorboard = paths.reports / "tensorboard" if dist.chief else None
-    model, base = built.model, built.base
-    first_phase = "train" if base is None else "head"
-    head_done = backup / "head.weights.h5"
-    if base is not None:
-        base.trainable = False
-    _compile(model, dist.learning_rate, cfg.jit_compile)
-    if head_done.is_file():
-        log.info("head phase already finished in an earlier run; loading %s", head_done)
-        model.load_weights(head_done)
-    else:
-        callbacks = training_callbacks(cfg, first_phase, backup, checkpoint, tensorboard, dist.chief)
-        _fit(
-            model,
-            dist,
-            cfg,
-            train,
-            val,
-            epochs=cfg.epochs,
-            initial_epoch=0,
-            class_weight=weights,
-            callbacks=[*callbacks, *extra],
-        )
-        if base is not None:
-            model.save_weights(head_done)
-    if base is not None and cfg.fine_tune.epochs > 0:
-        unfrozen = unfreeze_top(base, cfg.fine_tune.layers)
-        log.info("fine-tuning %d base layers at learning rate %g", unfrozen, dist.fine_tune_learning_rate)
-        _compile(model, dist.fine_tune_learning_rate, cfg.jit_compile)
-        # BackupAndRestore leaves the head phase's restored epoch on the model, and fit() prefers it
-        # over initial_epoch; clear it so fine-tuning starts where it should.
-        model._initial_epoch = None
-        start = cfg.epochs
-        callbacks = training_callbacks(cfg, "fine_tune", backup, checkpoint, tensorboard, dist.chief)
-        _fit(
-            model,
-            dist,
-            cfg,
-            train,
-            val,
-            epochs=start + cfg.fine_tune.epochs,
-            initial_epoch=start,
-            class_weight=weights,
-            callbacks=[*callbacks, *extra],
-        )
-
-
-def start_or_resume_run(
-    cfg: PipelineConfig, paths: StagePaths, backup: Path
-) -> tuple[mlflow.ActiveRun, bool]:
-    """A new MLflow run, or the one an interrupted training of the same job left behind."""
-    experiment_id = tracking.configure(cfg.mlflow, paths.root)
-    saved = backup / "mlflow_run_id"
-    if saved.is_file():
-        return mlflow.start_run(run_id=saved.read_text().strip()), True
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{cfg.train.model}")
-    backup.mkdir(parents=True, exist_ok=True)
-    saved.write_text(run.info.run_id)
-    return run, False
-
-
-def log_run_context(
-    cfg: PipelineConfig,
-    paths: StagePaths,
-    splits: dict[str, pd.DataFrame],
-    built: BuiltModel,
-    dist: Distribution,
-) -> None:
-    """Params, provenance tags (with the strategy and dtype policy used) and the dataset inputs."""
-    mlflow.log_params(tracking.flat_params(cfg))
-    mlflow.set_tags(
-        {
-            "mlflow.source.git.commit": tracking.git_commit(paths.root),
-            "model": cfg.train.model,
-            "weights_source": built.weights_source,
-            "devices": ",".join(d.device_type for d in tf.config.list_physical_devices()),
-            **dist.describe(),
-            **tracking.dvc_data_hashes(paths.root, paths),
-        }
-    )
-    for name, frame in splits.items():
-        dataset = mlflow.data.from_pandas(  # type: ignore[attr-defined]
-            frame, source=str(paths.split_file(name)), name=name, targets="label"
-        )
-        mlflow.log_input(dataset, context=name)
-    for report in (paths.validation_report, paths.split_report):
-        if report.is_file():
-            mlflow.log_artifact(str(report), "reports")
 
 
 def run(
@@ -313,9 +110,9 @@ def run(
         if not dist.chief:
             shutil.rmtree(backup, ignore_errors=True)
             return TrainResult(paths.keras_model, "", 0, float("nan"), resumed)
-        write_class_names(names, paths.keras_model.parent / "classes.json")
+        write_class_names(names, paths.classes)
         history = history_frame(backup)
-        history_path = paths.report("train_history.csv")
+        history_path = paths.train_history
         history_path.parent.mkdir(parents=True, exist_ok=True)
         history.to_csv(history_path, index=False, lineterminator="\n")
         mlflow.log_artifact(str(history_path), "reports")

@@ -6,6 +6,7 @@ preprocessing layers, so exported models need nothing but decode and resize.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def transfer_model(cfg: TrainConfig, num_classes: int, root: Path) -> BuiltModel
     base, preprocess = _base_model(cfg.model, cfg.image_size, keras_weights)
     source = cfg.weights
     if cfg.weights not in {"none", "imagenet"}:
-        path = Path(cfg.weights) if Path(cfg.weights).is_absolute() else root / cfg.weights
+        path = resolve_path(cfg.weights, root)
         base.load_weights(path)
         source = str(path)
     elif cfg.weights == "none":
@@ -126,8 +127,22 @@ def unfreeze_top(base: keras.Model, count: int) -> int:
     return unfrozen
 
 
-def load_trained(model_path: Path) -> tuple[keras.Model, list[str]]:
-    """The trained Keras model and its class names (output order), as train saved them."""
-    from pipeline.train.data import read_class_names
+def weights_digest(model: keras.Model) -> str:
+    """sha256 over all weights: workers of one job must end with the same."""
+    digest = hashlib.sha256()
+    for weights in model.get_weights():
+        digest.update(np.ascontiguousarray(weights).tobytes())
+    return digest.hexdigest()
 
-    return keras.models.load_model(model_path), read_class_names(model_path.parent / "classes.json")
+
+def float32_copy(model: keras.Model, cfg: TrainConfig, num_classes: int, root: Path) -> keras.Model:
+    """The same network under the float32 policy, with the trained weights.
+
+    Mixed-precision training keeps its variables in float32, so nothing is
+    lost; the saved model then evaluates, serves and converts to TFLite
+    exactly like a float32-trained one.
+    """
+    keras.mixed_precision.set_global_policy("float32")
+    twin = build_model(cfg.model_copy(update={"weights": "none"}), num_classes, root).model
+    twin.set_weights(model.get_weights())
+    return twin

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import StagePaths, ValidateConfig
+from pipeline.config import PipelineConfig
 from pipeline.errors import DataValidationError
 from pipeline.manifest import read_manifest
+from pipeline.paths import StagePaths
 from pipeline.validate.checks import Check, accepted_class_counts, dataset_checks
 from pipeline.validate.expectations import run_suites
 from pipeline.validate.quarantine import find_quarantine
@@ -74,14 +75,14 @@ def write_outputs(report: dict, quarantine: pd.DataFrame, paths: StagePaths) -> 
     paths.validation_report.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-def run(cfg: ValidateConfig, paths: StagePaths) -> ValidationResult:
+def run(config: PipelineConfig, paths: StagePaths) -> ValidationResult:
     """Validate the manifest, write the reports, and fail on blocking checks.
 
     The reports and quarantine list are written before failing, so a failed
     run can be inspected. Nothing under the raw folder is touched.
 
     Args:
-        cfg: the `validate` section.
+        config: the configuration (its `validate` section).
         paths: resolved stage paths.
 
     Returns:
@@ -90,6 +91,7 @@ def run(cfg: ValidateConfig, paths: StagePaths) -> ValidationResult:
     Raises:
         DataValidationError: listing each blocking check that failed.
     """
+    cfg = config.validate_
     if not paths.manifest.is_file():
         raise DataValidationError(
             f"{paths.relative(paths.manifest)} not found; run `python -m pipeline ingest` first"

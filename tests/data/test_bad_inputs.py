@@ -80,12 +80,12 @@ def test_salted_tree_is_quarantined_and_lonely_class_blocks(salted):
     source, cfg, paths = salted
     before = tree_digest(source)
 
-    result = ingest.run(cfg.ingest, paths)
+    result = ingest.run(cfg, paths)
     assert result.files == 24 + len(BAD) + len(ODD_BUT_VALID) + 2
     raw_after_ingest = tree_digest(paths.raw)
 
     with pytest.raises(DataValidationError) as failure:
-        validate.run(cfg.validate_, paths)
+        validate.run(cfg, paths)
     message = str(failure.value)
     assert "class 'birds' has 1 usable image" in message
     assert "cats" not in message and "dogs" not in message
@@ -102,7 +102,7 @@ def test_salted_tree_is_quarantined_and_lonely_class_blocks(salted):
         assert row["decodable"] == "True" and row["mode"] == mode, file
     assert manifest.loc["data/raw/dogs/huge.png", "phash"] == ""  # never decoded
 
-    report = (paths.reports / "validation.json").read_text()
+    report = paths.validation_report.read_text()
     assert '"passed": false' in report
     assert (paths.data_docs / "index.html").is_file()
     assert tree_digest(source) == before
@@ -112,13 +112,13 @@ def test_salted_tree_is_quarantined_and_lonely_class_blocks(salted):
 def test_without_the_lonely_class_everything_flows_through(salted):
     source, cfg, paths = salted
     shutil.rmtree(source / "birds")
-    ingest.run(cfg.ingest, paths)
+    ingest.run(cfg, paths)
     raw_digest = tree_digest(paths.raw)
 
-    outcome = validate.run(cfg.validate_, paths)
+    outcome = validate.run(cfg, paths)
     assert outcome.passed and outcome.quarantined == len(BAD) + 2
 
-    counts = split.run(cfg.split, paths).counts
+    counts = split.run(cfg, paths).counts
     assert sum(counts.values()) == outcome.accepted == 24 + len(ODD_BUT_VALID) - 1
     used = pd.concat(pd.read_csv(paths.split_file(n), dtype=str) for n in ("train", "val", "test"))
     assert "data/raw/dogs/mon chien été ñ.png" in set(used["path"])

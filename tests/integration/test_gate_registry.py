@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import baseline, evaluate, export, gate, ingest, register, split, train, validate
 from pipeline.errors import GateFailed
-from pipeline.register import rollback
+from pipeline.registry import rollback
 from tests.conftest import digit_images, write_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -40,10 +40,10 @@ def project(tmp_path, make_config):
         "mlflow": {"registered_model": "gate-test"},
     }
     cfg, paths = make_config(base)
-    ingest.run(cfg.ingest, paths)
-    validate.run(cfg.validate_, paths)
-    split.run(cfg.split, paths)
-    baseline.run(cfg.baseline, paths)
+    ingest.run(cfg, paths)
+    validate.run(cfg, paths)
+    split.run(cfg, paths)
+    baseline.run(cfg, paths)
     return base, paths
 
 
@@ -71,7 +71,7 @@ def test_weak_model_is_refused_and_champion_stays(project, make_config):
     assert champion("gate-test") == "1"
     assert str(client.get_model_version_by_alias("gate-test", "challenger").version) == "2"
     assert client.get_model_version("gate-test", "2").tags["gate.passed"] == "False"
-    assert '"passed": false' in paths.report("gate.json").read_text()
+    assert '"passed": false' in paths.gate_report.read_text()
 
     retrained = {**base, "train": {**base["train"], "seed": 7}}
     cfg, _, verdict = train_and_register(make_config, retrained)

@@ -14,9 +14,10 @@ from flows.locks import file_lock
 from flows.retraining import drift_check_flow
 from flows.training import training_flow
 from pipeline import tracking
-from pipeline.config import StagePaths, load_config
-from pipeline.synthetic import brightness, unchanged, write_batch
-from pipeline.train.data import read_split
+from pipeline.artifacts import read_split
+from pipeline.config import load_config
+from pipeline.monitoring.shifts import brightness, unchanged, write_batch
+from pipeline.paths import StagePaths
 from tests.conftest import digit_images, sh, tree_digest, write_tree
 from tests.integration.test_flows import flow_run_artifacts, small_project
 

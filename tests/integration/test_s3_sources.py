@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from pipeline import ingest, landing, s3
-from pipeline.config import S3Source
+from pipeline import ingest, s3
 from pipeline.errors import ConfigError, IngestError
 from pipeline.ingest.s3_source import sync
 from pipeline.ingest.sources import encode_png
+from pipeline.monitoring import landing
 from tests.conftest import copy_project, digit_images, sh, tree_digest
 from tests.s3_faults import FaultyS3Proxy
 from tests.servers import moto_s3
@@ -95,7 +95,7 @@ def test_transient_errors_are_retried_and_leave_no_partial_files(server, proxy, 
     proxy.fail("flaky/1/img_001.png", "cut", "cut")
     cfg, paths = source_config(make_config, "flaky", proxy.endpoint)
 
-    result = ingest.run(cfg.ingest, paths, cfg.storage)
+    result = ingest.run(cfg, paths)
 
     assert result.files == len(uploaded) == 18
     assert proxy.gets["flaky/0/img_000.png"] == 3
@@ -116,7 +116,7 @@ def test_a_download_that_keeps_failing_names_the_object_and_keeps_raw_intact(
     proxy.fail("broken/2/img_004.png", "cut", "cut", "cut")
 
     with pytest.raises(IngestError, match=r"s3://mlops/broken/2/img_004\.png: download failed after 2"):
-        ingest.run(cfg.ingest, paths, cfg.storage)
+        ingest.run(cfg, paths)
 
     assert tree_digest(paths.raw) == before
     assert not [p for p in paths.root.rglob("*") if "partial" in p.name]
@@ -126,22 +126,32 @@ def test_a_download_that_keeps_failing_names_the_object_and_keeps_raw_intact(
 
 
 def test_missing_uri_and_missing_bucket_say_what_to_set(server, aws_env, make_config, monkeypatch):
-    cfg, paths = make_config({"ingest": {"source": "s3"}, "storage": {"endpoint_url": server.endpoint}})
+    params = {"ingest": {"source": "s3"}, "storage": {"endpoint_url": server.endpoint}}
+    cfg, paths = make_config(params)
     with pytest.raises(ConfigError, match=r"ingest\.s3\.uri or PIPELINE_INGEST_S3_URI"):
-        ingest.run(cfg.ingest, paths, cfg.storage)
+        ingest.run(cfg, paths)
     monkeypatch.setenv(s3.INGEST_URI_ENV, "s3://no-such-bucket/images")
+    cfg, paths = make_config(params)  # the variable is applied when the config is loaded
     with pytest.raises(IngestError, match=r"s3://no-such-bucket/images/: cannot list objects \(NoSuchBucket"):
-        ingest.run(cfg.ingest, paths, cfg.storage)
+        ingest.run(cfg, paths)
     monkeypatch.setenv(s3.INGEST_URI_ENV, "mlops/images")
-    with pytest.raises(ConfigError, match="PIPELINE_INGEST_S3_URI: 'mlops/images' is not an S3 URI"):
-        ingest.run(cfg.ingest, paths, cfg.storage)
+    with pytest.raises(
+        ConfigError, match="ingest.s3.uri: PIPELINE_INGEST_S3_URI: 'mlops/images' is not an S3 URI"
+    ):
+        make_config(params)
 
 
 def test_environment_uri_overrides_params(server, aws_env, make_config, monkeypatch, tmp_path):
     upload_tree(server, "from-env", per_class=2)
     monkeypatch.setenv(s3.INGEST_URI_ENV, f"s3://{BUCKET}/from-env")
-    source = S3Source(uri=f"s3://{BUCKET}/somewhere-else", cache=tmp_path / "cache")
-    cfg, _ = make_config({"storage": {"endpoint_url": server.endpoint}})
+    cfg, _ = make_config(
+        {
+            "ingest": {"s3": {"uri": f"s3://{BUCKET}/somewhere-else"}},
+            "storage": {"endpoint_url": server.endpoint},
+        }
+    )
+    assert cfg.ingest.s3.uri == f"s3://{BUCKET}/from-env"
+    source = cfg.ingest.s3.model_copy(update={"cache": tmp_path / "cache"})
     assert len(sync(source, cfg.storage, tmp_path).files) == 6
 
 

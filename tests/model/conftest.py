@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from pipeline import ingest, split, train, validate
-from pipeline.config import PipelineConfig, StagePaths, parse_config
+from pipeline.config import PipelineConfig, parse_config
+from pipeline.paths import StagePaths
 from tests.conftest import REPO_ROOT, digit_images, merge, write_tree
 
 # 3 classes x 40 distinct digits, 32x32 PNGs; 20 % of them (24 images) form the test split.
@@ -90,9 +91,9 @@ def prepared_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = base / "project"
     root.mkdir()
     cfg, paths = build_config(root, {"ingest": {"source": "folder", "folder": {"path": str(source)}}})
-    ingest.run(cfg.ingest, paths)
-    validate.run(cfg.validate_, paths)
-    split.run(cfg.split, paths)
+    ingest.run(cfg, paths)
+    validate.run(cfg, paths)
+    split.run(cfg, paths)
     return root
 
 

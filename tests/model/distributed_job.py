@@ -20,7 +20,8 @@ def main() -> None:
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
 
     from pipeline import train
-    from pipeline.config import StagePaths, load_config
+    from pipeline.config import load_config
+    from pipeline.paths import StagePaths
 
     cfg = load_config(root / "params.yaml", root)
     result = train.run(cfg, StagePaths.from_config(cfg.paths, root))

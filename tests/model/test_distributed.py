@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from pipeline import ingest, split, tracking, train, validate
-from pipeline.config import StagePaths, load_config
+from pipeline.config import load_config
+from pipeline.paths import StagePaths
 from tests.conftest import sh
 from tests.integration.test_flows import small_project
 
@@ -31,9 +32,9 @@ def project(tmp_path: Path, **train_params) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     cfg = load_config(root / "params.yaml", root)
     paths = StagePaths.from_config(cfg.paths, root)
-    ingest.run(cfg.ingest, paths)
-    validate.run(cfg.validate_, paths)
-    split.run(cfg.split, paths)
+    ingest.run(cfg, paths)
+    validate.run(cfg, paths)
+    split.run(cfg, paths)
     return root
 
 

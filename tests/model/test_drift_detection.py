@@ -3,7 +3,7 @@
 A small CNN is trained on the train split; its reference profile is computed
 on the validation split; batches are drawn from the test split, which neither
 the weights nor the reference saw. Each check is the flow's own check
-(`monitor.check_batch`: every detector, the family-wise verdict).
+(`pipeline.monitoring.check.check_batch`: every detector, the family-wise verdict).
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 from pipeline.config import DriftConfig, EmbeddedSource
+from pipeline.images import load_files
 from pipeline.ingest.sources import embedded_digits
-from pipeline.landing import read_batch
-from pipeline.monitor import Champion, check_batch
-from pipeline.profile import build_reference, pixels_of
-from pipeline.synthetic import (
+from pipeline.monitoring.check import Champion, check_batch
+from pipeline.monitoring.landing import read_batch
+from pipeline.monitoring.profile import build_reference
+from pipeline.monitoring.shifts import (
     Shift,
     brightness,
     class_prior_sample,
@@ -72,8 +73,8 @@ def champion_without(digits: dict, withheld: set[str]) -> Champion:
     model = small_cnn(IMAGE_SIZE, len(classes), 0.3)
     model.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
     targets = np.array([classes.index(label) for label in digits["labels"][train]])
-    model.fit(pixels_of(digits["files"][train], IMAGE_SIZE), targets, epochs=15, batch_size=32, verbose=0)
-    test_predictions = model.predict(pixels_of(digits["files"][test], IMAGE_SIZE), verbose=0).argmax(axis=1)
+    model.fit(load_files(digits["files"][train], IMAGE_SIZE), targets, epochs=15, batch_size=32, verbose=0)
+    test_predictions = model.predict(load_files(digits["files"][test], IMAGE_SIZE), verbose=0).argmax(axis=1)
     test_accuracy = float(np.mean(np.array(classes)[test_predictions] == digits["labels"][test]))
     assert test_accuracy > 0.95, "the champion the detectors use should be a real one"
     reference = build_reference(

@@ -18,8 +18,8 @@ import pytest
 import tensorflow as tf
 
 from pipeline import export
-from pipeline.train.data import load_images, read_split
-from pipeline.train.models import load_trained
+from pipeline.artifacts import image_files, load_trained_model, read_split
+from pipeline.images import load_files
 from tests.model.conftest import Project, local_tracking
 
 pytestmark = pytest.mark.slow
@@ -46,9 +46,9 @@ def exported(trained_project: Project) -> Exported:
     cfg, paths = trained_project.cfg, trained_project.paths
     with local_tracking():
         export.run(cfg, paths)
-    model, names = load_trained(paths.keras_model)
+    model, names = load_trained_model(paths)
     test = read_split(paths, "test")
-    images = load_images(test, paths.root, cfg.train.image_size)
+    images = load_files(image_files(test, paths.root), cfg.train.image_size)
     keras_probabilities = model.predict(images, verbose=0)
     served = export.savedmodel_predict(
         paths.savedmodel, [(paths.root / p).read_bytes() for p in test["path"]]
@@ -125,7 +125,7 @@ def test_tflite_variant_agrees_with_keras(exported: Exported, variant: str) -> N
 
 def test_export_report_lists_every_variant(exported: Exported) -> None:
     paths = exported.project.paths
-    report = json.loads(paths.report("export.json").read_text())
+    report = json.loads(paths.export_report.read_text())
     assert set(report["tflite"]) == set(export.VARIANTS)
     keras_predicted = exported.keras_probabilities.argmax(axis=1)
     for variant, row in report["tflite"].items():

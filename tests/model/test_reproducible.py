@@ -21,9 +21,9 @@ def test_training_twice_gives_identical_weights(tmp_path, make_config):
             "train": {"epochs": 2, "batch_size": 16},
         }
     )
-    ingest.run(cfg.ingest, paths)
-    validate.run(cfg.validate_, paths)
-    split.run(cfg.split, paths)
+    ingest.run(cfg, paths)
+    validate.run(cfg, paths)
+    split.run(cfg, paths)
 
     weights = []
     for _ in range(2):

@@ -77,7 +77,7 @@ def test_interrupted_training_resumes_in_the_same_run(interrupted) -> None:
     assert read_run_id(paths) == run_id
     assert counter.started == list(range(INTERRUPT_AFTER, EPOCHS))
     assert result.epochs == EPOCHS
-    history = pd.read_csv(paths.report("train_history.csv"))
+    history = pd.read_csv(paths.train_history)
     assert history["epoch"].tolist() == list(range(1, EPOCHS + 1))
     assert set(history["phase"]) == {"train"}
     assert paths.keras_model.is_file()
@@ -120,6 +120,6 @@ def test_transfer_job_interrupted_in_the_head_phase_fine_tunes_from_the_right_ep
         result = train.run(project.cfg, project.paths, callbacks=[counter])
 
     assert result.resumed
-    history = pd.read_csv(project.paths.report("train_history.csv"))
+    history = pd.read_csv(project.paths.train_history)
     assert history[["epoch", "phase"]].values.tolist() == [[1, "head"], [2, "head"], [3, "fine_tune"]]
     assert counter.started == [1, 2]

@@ -78,7 +78,7 @@ def test_mobilenet_v2_from_a_weights_file_trains_head_then_fine_tunes(project_co
 
     assert not result.resumed
     assert result.epochs == 2
-    history = pd.read_csv(paths.report("train_history.csv"))
+    history = pd.read_csv(paths.train_history)
     assert history[["epoch", "phase"]].values.tolist() == [[1, "head"], [2, "fine_tune"]]
     assert not any(paths.train_backup.iterdir()), "the finished job's backup should be gone"
 

@@ -24,7 +24,7 @@ def test_baseline_learns_digits(small_tree, make_config):
     paths.splits.mkdir(parents=True)
     frame.iloc[::4].to_csv(paths.split_file("test"), index=False)
     frame.drop(frame.index[::4]).to_csv(paths.split_file("train"), index=False)
-    result = baseline.run(cfg.baseline, paths)
+    result = baseline.run(cfg, paths)
     assert result.accuracy >= 0.9
-    report = pd.read_json(paths.report("baseline.json"), typ="series")
+    report = pd.read_json(paths.baseline_report, typ="series")
     assert report["test_images"] == 15 and report["pca_components"] >= 1

@@ -4,7 +4,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from pipeline.config import load_config, parse_config
+from pipeline.config import PipelineConfig, load_config, parse_config
 from pipeline.errors import ConfigError
 from tests.conftest import REPO_ROOT
 
@@ -104,3 +104,35 @@ def test_s3_locations_must_be_s3_uris(section: str, key: str):
         parse_config(raw)
     node[key] = "s3://my-bucket/images"
     parse_config(raw)
+
+
+def leaves(mapping: dict, prefix: str = "") -> dict[str, object]:
+    """Every leaf of a nested mapping by dotted key."""
+    flat: dict[str, object] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        flat |= leaves(value, dotted) if isinstance(value, dict) else {dotted: value}
+    return flat
+
+
+def test_params_yaml_and_code_defaults_agree():
+    """A config built from partial params gets what params.yaml says (augmentation included)."""
+    committed = leaves(load_config(REPO_ROOT / "params.yaml").model_dump(mode="json", by_alias=True))
+    defaults = leaves(PipelineConfig().model_dump(mode="json", by_alias=True))
+    differing = {key: (committed.get(key), defaults.get(key)) for key in committed.keys() | defaults.keys()}
+    differing = {key: pair for key, pair in differing.items() if pair[0] != pair[1]}
+    assert not differing, f"params.yaml vs pipeline/config.py defaults (change both together): {differing}"
+    assert set(leaves(params())) == set(defaults), "params.yaml must spell out every key the code knows"
+
+
+def test_environment_overrides_apply_when_params_are_parsed(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("PIPELINE_LANDING_S3_URI", "s3://landing-bucket/new")
+    monkeypatch.setenv("PIPELINE_DVC_REMOTE_URL", "")  # empty: not set
+    cfg = parse_config(params())
+    assert cfg.drift.landing_s3 == "s3://landing-bucket/new"
+    assert cfg.storage.dvc_remote is None
+    monkeypatch.setenv("PIPELINE_DVC_REMOTE_URL", "bucket/dvc")
+    with pytest.raises(
+        ConfigError, match=r"storage\.dvc_remote: PIPELINE_DVC_REMOTE_URL: 'bucket/dvc' is not"
+    ):
+        parse_config(params())

@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from pipeline import drift
 from pipeline.config import DriftConfig
-from pipeline.monitor import retrain_decision
+from pipeline.monitoring import detectors as drift
+from pipeline.monitoring.policy import retrain_decision
 
 
 def test_alpha_shares_split_the_level_by_weight():

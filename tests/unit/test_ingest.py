@@ -15,12 +15,12 @@ from tests.conftest import digit_images, tree_digest, write_tree
 
 def test_embedded_digits_are_deterministic(make_config):
     cfg, paths = make_config()
-    result = ingest.run(cfg.ingest, paths)
+    result = ingest.run(cfg, paths)
     assert result.files == result.decodable == 1797
     assert list(result.classes) == [str(d) for d in range(10)]
     first_manifest, first_raw = paths.manifest.read_bytes(), tree_digest(paths.raw)
 
-    ingest.run(cfg.ingest, paths)
+    ingest.run(cfg, paths)
     assert paths.manifest.read_bytes() == first_manifest
     assert tree_digest(paths.raw) == first_raw
     assert not list(paths.raw.parent.glob(".ingest-*"))  # staging folder cleaned up
@@ -28,7 +28,7 @@ def test_embedded_digits_are_deterministic(make_config):
 
 def test_embedded_scale_upsamples(make_config):
     cfg, paths = make_config({"ingest": {"embedded": {"scale": 4}}})
-    ingest.run(cfg.ingest, paths)
+    ingest.run(cfg, paths)
     manifest = pd.read_csv(paths.manifest)
     assert set(manifest["width"]) == {32} and set(manifest["height"]) == {32}
 
@@ -39,7 +39,7 @@ def test_folder_is_copied_not_changed(make_config, small_tree: Path):
     (small_tree / "stray.png").write_bytes(b"outside any class")
     (small_tree / "0" / ".DS_Store").write_bytes(b"finder")
 
-    result = ingest.run(cfg.ingest, paths)
+    result = ingest.run(cfg, paths)
     assert result.files == 60 and result.classes == {"0": 20, "1": 20, "2": 20}
     assert (paths.raw / "1" / "img_005.png").read_bytes() == (small_tree / "1" / "img_005.png").read_bytes()
     (small_tree / "stray.png").unlink()
@@ -51,7 +51,7 @@ def test_folder_inside_raw_is_refused(make_config, tmp_path: Path):
     (tmp_path / "data" / "raw" / "a").mkdir(parents=True)
     cfg, paths = make_config({"ingest": {"source": "folder", "folder": {"path": str(tmp_path / "data/raw")}}})
     with pytest.raises(ConfigError, match=r"ingest\.folder\.path: .* is inside paths\.raw"):
-        ingest.run(cfg.ingest, paths)
+        ingest.run(cfg, paths)
 
 
 def test_folder_without_class_folders(make_config, tmp_path: Path):
@@ -59,7 +59,7 @@ def test_folder_without_class_folders(make_config, tmp_path: Path):
     (tmp_path / "flat" / "x.png").write_bytes(b"x")
     cfg, paths = make_config({"ingest": {"source": "folder", "folder": {"path": str(tmp_path / "flat")}}})
     with pytest.raises(IngestError, match="no class folders found"):
-        ingest.run(cfg.ingest, paths)
+        ingest.run(cfg, paths)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_tfds_source_uses_tfds_load(make_config, tiny_tfds: Path):
     cfg, paths = make_config(
         {"ingest": {"source": "tfds", "tfds": {"name": "tiny_shapes", "data_dir": str(tiny_tfds)}}}
     )
-    result = ingest.run(cfg.ingest, paths)
+    result = ingest.run(cfg, paths)
     assert result.classes == {"circle": 6, "square": 6} and result.decodable == 12
     manifest = pd.read_csv(paths.manifest)
     assert set(manifest["width"]) == {16} and set(manifest["mode"]) == {"RGB"}
@@ -114,14 +114,14 @@ def test_tfds_missing_dataset_says_what_to_do(make_config, tmp_path: Path):
     with pytest.raises(
         IngestError, match=r"ingest\.tfds\.name: cannot load TFDS dataset 'tiny_shapes'.*tfds build"
     ):
-        ingest.run(cfg.ingest, paths)
+        ingest.run(cfg, paths)
 
 
 def test_accepted_batches_join_the_source_under_their_own_names(make_config, small_tree: Path):
     cfg, paths = make_config({"ingest": {"source": "folder", "folder": {"path": str(small_tree)}}})
     write_tree(paths.batches / "bright-1", digit_images(per_class=4, classes=2))
     (paths.batches / "README.md").write_text("accepted batches land here")
-    result = ingest.run(cfg.ingest, paths)
+    result = ingest.run(cfg, paths)
     assert result.classes == {"0": 24, "1": 24, "2": 20}
     assert (paths.raw / "0" / "bright-1__img_003.png").is_file()
 
@@ -131,4 +131,4 @@ def test_a_versioned_batch_without_its_images_says_to_pull(make_config, small_tr
     paths.batches.mkdir(parents=True)
     (paths.batches / "b7.dvc").write_text("outs:\n- path: b7\n")
     with pytest.raises(IngestError, match=r"b7\.dvc.*dvc pull"):
-        ingest.run(cfg.ingest, paths)
+        ingest.run(cfg, paths)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import landing
 from pipeline.errors import IngestError
+from pipeline.monitoring import landing
 from tests.conftest import digit_images, tree_digest, write_tree
 
 

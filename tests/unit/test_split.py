@@ -67,12 +67,12 @@ def test_split_files_are_byte_identical_across_runs(make_config, small_tree):
     from pipeline.validate.quarantine import QUARANTINE_COLUMNS
 
     cfg, paths = make_config({"ingest": {"source": "folder", "folder": {"path": str(small_tree)}}})
-    ingest.run(cfg.ingest, paths)
+    ingest.run(cfg, paths)
     pd.DataFrame(columns=QUARANTINE_COLUMNS).to_csv(paths.quarantine, index=False)
-    split.run(cfg.split, paths)
+    split.run(cfg, paths)
     first = {n: paths.split_file(n).read_bytes() for n in ("train", "val", "test")}
     report = paths.split_report.read_bytes()
-    split.run(cfg.split, paths)
+    split.run(cfg, paths)
     assert {n: paths.split_file(n).read_bytes() for n in ("train", "val", "test")} == first
     assert paths.split_report.read_bytes() == report
     rows = sum(len(b.splitlines()) - 1 for b in first.values())

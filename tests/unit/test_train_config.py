@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import ConfigError, TrainConfig, parse_config, with_overrides
-from pipeline.train import class_weights
+from pipeline.train.phases import class_weights
 
 
 def frame(counts: dict[str, int]) -> pd.DataFrame:

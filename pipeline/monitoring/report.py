@@ -5,16 +5,16 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import tracking
+from pipeline.artifacts import write_report
 from pipeline.config import MlflowConfig
-from pipeline.monitor import DriftReport
-from pipeline.profile import STATISTICS, BatchProfile, ReferenceProfile
+from pipeline.monitoring.check import DriftReport
+from pipeline.monitoring.profile import STATISTICS, BatchProfile, ReferenceProfile
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def write_reports(
     """`<folder>/<batch>.json` and `<folder>/<batch>.html`."""
     folder.mkdir(parents=True, exist_ok=True)
     json_path = folder / f"{report.batch}.json"
-    json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    write_report(report.to_dict(), json_path)
     html_path = folder / f"{report.batch}.html"
     html_path.write_text(html_report(report, reference, batch), encoding="utf-8")
     return json_path, html_path

@@ -1,17 +1,15 @@
-"""reference: the drift reference profile of the trained model, computed on the validation split.
+"""Profiles: what a batch looks like to the drift detectors, and the reference profile it is compared with.
 
-What a new batch is compared with: per-image statistics, the model's
-penultimate-layer embeddings reduced by PCA to a small fixed dimension, and
-its softmax outputs. The validation split is held-out data the weights were
-never fitted on, so a batch from the same distribution looks like it.
+A profile holds per-image statistics, the model's penultimate-layer
+embeddings reduced by a PCA fitted on the reference, its softmax outputs and
+the predicted (and, when known, true) labels. Images reach the model through
+`pipeline.images`, as in training and serving.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import logging
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +18,11 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from pipeline.config import PipelineConfig, StagePaths
+from pipeline.images import load_files
+from pipeline.inference import predict
 from pipeline.ingest.images import luminance
 
-log = logging.getLogger(__name__)
-
 STATISTICS = ("brightness", "contrast", "saturation", "sharpness", "width", "height", "aspect_ratio")
-REFERENCE_ARTIFACT = "drift_reference"  # where the profile lives in the MLflow run
 
 
 def image_statistics(data: bytes) -> np.ndarray:
@@ -61,25 +57,12 @@ def statistics_of(files: Sequence[Path]) -> np.ndarray:
     return np.stack([image_statistics(Path(f).read_bytes()) for f in files])
 
 
-def pixels_of(files: Sequence[Path], image_size: int) -> np.ndarray:
-    """Model input for image files: decoded and resized exactly as in training."""
-    from pipeline.train.data import load_files
-
-    return load_files(files, image_size)
-
-
-# One two-output view per model: a new view per batch would retrace its predict function every time.
-_TWO_OUTPUT_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def model_outputs(model, pixels: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def model_outputs(model, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Penultimate-layer embeddings (the input of the softmax layer) and softmax outputs."""
     import keras
 
-    if model not in _TWO_OUTPUT_VIEWS:
-        head = model.get_layer("probabilities")
-        _TWO_OUTPUT_VIEWS[model] = keras.Model(model.inputs, [head.input, model.output])
-    embeddings, probabilities = _TWO_OUTPUT_VIEWS[model].predict(pixels, batch_size=batch_size, verbose=0)
+    head = model.get_layer("probabilities")
+    embeddings, probabilities = predict(keras.Model(model.inputs, [head.input, model.output]), pixels)
     return np.asarray(embeddings, dtype=np.float64), np.asarray(probabilities, dtype=np.float64)
 
 
@@ -121,7 +104,7 @@ def profile_files(
     projection: Projection,
 ) -> BatchProfile:
     """Profile image files with a model, reducing embeddings with a fitted projection."""
-    embeddings, probabilities = model_outputs(model, pixels_of(files, image_size))
+    embeddings, probabilities = model_outputs(model, load_files(files, image_size))
     return BatchProfile(
         statistics=statistics_of(files),
         embeddings=projection(embeddings),
@@ -193,42 +176,7 @@ def build_reference(
     test_accuracy: float,
 ) -> ReferenceProfile:
     """Profile held-out images and fit the embedding projection on them."""
-    embeddings, _ = model_outputs(model, pixels_of(files, image_size))
+    embeddings, _ = model_outputs(model, load_files(files, image_size))
     projection = Projection.fit(embeddings, dim)
     profile = profile_files(files, labels, model, class_names, image_size, projection)
     return ReferenceProfile(profile, projection, list(class_names), image_size, test_accuracy)
-
-
-def run(cfg: PipelineConfig, paths: StagePaths) -> ReferenceProfile:
-    """The `reference` stage: profile the validation split, save it, log it to the pipeline's MLflow run.
-
-    Args:
-        cfg: the whole config (`train.image_size`, `drift.embeddings.dim`, `mlflow`).
-        paths: resolved stage paths.
-
-    Returns:
-        The reference profile, also written to `paths.reference`.
-    """
-    import mlflow
-
-    from pipeline import tracking
-    from pipeline.train.data import read_split
-    from pipeline.train.models import load_trained
-
-    model, class_names = load_trained(paths.keras_model)
-    val = read_split(paths, "val")
-    metrics = json.loads(paths.report("metrics.json").read_text())
-    reference = build_reference(
-        [paths.root / p for p in val["path"]],
-        list(val["label"]),
-        model,
-        class_names,
-        cfg.train.image_size,
-        cfg.drift.embeddings.dim,
-        float(metrics["accuracy"]),
-    )
-    reference.save(paths.reference)
-    with tracking.resume_run(cfg.mlflow, paths):
-        mlflow.log_artifacts(str(paths.reference), REFERENCE_ARTIFACT)
-    log.info("drift reference: %d validation images -> %s", len(val), paths.relative(paths.reference))
-    return reference

@@ -1,0 +1,166 @@
+"""The training phases: one for the small CNN; head, then fine-tuning, for transfer models.
+
+Each phase is a `fit` (or the multi-worker loop) with its own callbacks; a
+finished head phase is kept so that a run killed while fine-tuning resumes
+there. The per-epoch history of all phases is read back from the CSVLogger
+files for the training report.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from sklearn.utils.class_weight import compute_class_weight
+
+from pipeline.config import TrainConfig
+from pipeline.paths import StagePaths
+from pipeline.train.callbacks import training_callbacks
+from pipeline.train.distribute import Distribution
+from pipeline.train.loop import fit_multi_worker
+from pipeline.train.models import BuiltModel, unfreeze_top
+
+log = logging.getLogger(__name__)
+
+PHASES = ("train", "head", "fine_tune")
+
+
+def class_weights(train: pd.DataFrame, names: list[str], cfg: TrainConfig) -> dict[int, float] | None:
+    """Balanced class weights when asked, or (auto) when the classes are imbalanced."""
+    counts = train["label"].value_counts()
+    imbalanced = counts.max() / counts.min() > cfg.imbalance_threshold
+    if cfg.class_weights == "none" or (cfg.class_weights == "auto" and not imbalanced):
+        return None
+    labels = np.array([names.index(label) for label in train["label"]])
+    weights = compute_class_weight("balanced", classes=np.arange(len(names)), y=labels)
+    return {i: float(w) for i, w in enumerate(weights)}
+
+
+def history_frame(backup: Path) -> pd.DataFrame:
+    """One row per epoch across phases and resumes, from the CSVLogger files (epochs 1-based)."""
+    frames = []
+    for phase in PHASES:
+        log_file = backup / f"{phase}_history.csv"
+        if log_file.is_file():
+            frames.append(pd.read_csv(log_file).assign(phase=phase))
+    history = pd.concat(frames).drop_duplicates("epoch", keep="last")
+    history["epoch"] += 1
+    return history[["epoch", "phase", *[c for c in history.columns if c not in {"epoch", "phase"}]]]
+
+
+def _compile(model: keras.Model, learning_rate: float, jit_compile: bool) -> None:
+    # Under a mixed_float16 policy Keras wraps the optimizer in a LossScaleOptimizer itself.
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=jit_compile,
+    )
+
+
+def _fit(
+    model: keras.Model,
+    dist: Distribution,
+    cfg: TrainConfig,
+    train: tf.data.Dataset,
+    val: tf.data.Dataset,
+    *,
+    epochs: int,
+    initial_epoch: int,
+    class_weight: dict[int, float] | None,
+    callbacks: Sequence[keras.callbacks.Callback],
+) -> None:
+    """`model.fit`, or the multi-worker loop where Keras 3's fit cannot run."""
+    if dist.multi_worker:
+        fit_multi_worker(
+            model,
+            dist.strategy,
+            train,
+            val,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            class_weight=class_weight,
+            callbacks=callbacks,
+            jit_compile=cfg.jit_compile,
+        )
+        return
+    model.fit(
+        train,
+        validation_data=val,
+        initial_epoch=initial_epoch,
+        epochs=epochs,
+        class_weight=class_weight,
+        callbacks=list(callbacks),
+        verbose=2,
+    )
+
+
+def fit_phases(
+    built: BuiltModel,
+    train: tf.data.Dataset,
+    val: tf.data.Dataset,
+    cfg: TrainConfig,
+    backup: Path,
+    paths: StagePaths,
+    weights: dict[int, float] | None,
+    dist: Distribution,
+    extra: Sequence[keras.callbacks.Callback] = (),
+) -> None:
+    """Train: one phase for the small CNN; head then fine-tuning for transfer models.
+
+    A finished head phase is saved under `backup`, so a run killed during
+    fine-tuning resumes there instead of redoing the head. Only the chief
+    writes checkpoints and TensorBoard logs where users look; other workers
+    keep theirs under `backup`.
+    """
+    checkpoint = paths.checkpoint if dist.chief else backup / "keras" / "checkpoint.keras"
+    tensorboard = paths.tensorboard if dist.chief else None
+    model, base = built.model, built.base
+    first_phase = "train" if base is None else "head"
+    head_done = backup / "head.weights.h5"
+    if base is not None:
+        base.trainable = False
+    _compile(model, dist.learning_rate, cfg.jit_compile)
+    if head_done.is_file():
+        log.info("head phase already finished in an earlier run; loading %s", head_done)
+        model.load_weights(head_done)
+    else:
+        callbacks = training_callbacks(cfg, first_phase, backup, checkpoint, tensorboard, dist.chief)
+        _fit(
+            model,
+            dist,
+            cfg,
+            train,
+            val,
+            epochs=cfg.epochs,
+            initial_epoch=0,
+            class_weight=weights,
+            callbacks=[*callbacks, *extra],
+        )
+        if base is not None:
+            model.save_weights(head_done)
+    if base is not None and cfg.fine_tune.epochs > 0:
+        unfrozen = unfreeze_top(base, cfg.fine_tune.layers)
+        log.info("fine-tuning %d base layers at learning rate %g", unfrozen, dist.fine_tune_learning_rate)
+        _compile(model, dist.fine_tune_learning_rate, cfg.jit_compile)
+        # BackupAndRestore leaves the head phase's restored epoch on the model, and fit() prefers it
+        # over initial_epoch; clear it so fine-tuning starts where it should.
+        model._initial_epoch = None
+        start = cfg.epochs
+        callbacks = training_callbacks(cfg, "fine_tune", backup, checkpoint, tensorboard, dist.chief)
+        _fit(
+            model,
+            dist,
+            cfg,
+            train,
+            val,
+            epochs=start + cfg.fine_tune.epochs,
+            initial_epoch=start,
+            class_weight=weights,
+            callbacks=[*callbacks, *extra],
+        )
