@@ -6,6 +6,8 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-$(TF_EXTRA)
 export PATH := $(BIN):$(PATH)
 export GX_ANALYTICS_ENABLED := False
+# The temporary Prefect server of `make run` would try to send telemetry and log an ERROR when offline.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: run repro deploy drift-check drift-demo test install lint typecheck clean \
 	mlflow-server prefect-server prefect-worker dvc-remote

@@ -36,6 +36,7 @@ from pipeline import s3
 from pipeline.artifacts import read_report
 from pipeline.config import PipelineConfig, load_config, parse_config, with_overrides
 from pipeline.errors import ConfigError, GateFailed, PipelineError
+from pipeline.logs import quiet_libraries
 from pipeline.monitoring import check, landing, policy
 from pipeline.monitoring import report as drift_report
 from pipeline.paths import StagePaths
@@ -162,6 +163,7 @@ def drift_check_flow(
         A summary: status, champion, what happened to each batch, the decision and the training verdict.
     """
     logger = get_run_logger()
+    quiet_libraries()
     project = Path(root).resolve() if root else PROJECT_ROOT
     if settle_seconds is not None:
         overrides = {**(overrides or {}), "drift.settle_seconds": settle_seconds}

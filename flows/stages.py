@@ -32,6 +32,17 @@ def record(root: Path, stage: str) -> None:
         repo.commit(stage, force=True)
 
 
+def stage_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a flow or task (so the line shows in the UI), else this module's."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
 def run_stage(stage: str, root: Path, force: bool = False) -> str:
     """Run `stage` unless DVC says it is up to date; record it in DVC when it ran.
 
@@ -44,9 +55,9 @@ def run_stage(stage: str, root: Path, force: bool = False) -> str:
         'skipped' or 'ran'.
     """
     if not force and is_up_to_date(root, stage):
-        log.info("%s: up to date (dvc status), skipped", stage)
+        stage_logger().info("%s: up to date (dvc status), skipped", stage)
         return "skipped"
-    log.info("%s: %s", stage, registered(stage).summary)
+    stage_logger().info("%s: %s", stage, registered(stage).summary)
     cfg = load_config(root / "params.yaml", root)
     registered(stage).entry()(cfg, StagePaths.from_config(cfg.paths, root))
     record(root, stage)

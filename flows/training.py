@@ -193,6 +193,7 @@ def training_flow(
         Each stage's outcome: 'ran' or 'skipped' (up to date in DVC).
     """
     logger = get_run_logger()
+    pipeline.logs.quiet_libraries()
     project = Path(root).resolve() if root else PROJECT_ROOT
     requested = requested_overrides(epochs, model, overrides)
     outcome: dict[str, str] = {}

@@ -10,16 +10,26 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
-# C++ INFO and WARNING lines (CPU feature notices, oneDNN banners) say nothing a user can act on.
+# C++ INFO and WARNING lines (CPU feature notices) say nothing a user can act on.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# Libraries whose INFO records narrate their own internals.
-QUIET_LOGGERS = ("great_expectations", "absl", "tensorflow", "h5py", "matplotlib", "PIL")
+# MLflow registers its local-file dataset source under two schemes ("" and "file"), so every local
+# split path is "ambiguous" although both candidates are the same class.
+warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+
+# Libraries whose INFO records narrate their own internals (DVC: "Updating lock file", twice per stage).
+QUIET_LOGGERS = ("great_expectations", "absl", "tensorflow", "h5py", "matplotlib", "PIL", "dvc")
+
+
+def quiet_libraries() -> None:
+    """Chatty libraries at WARNING, whoever formats the records (the CLI, or Prefect in a flow)."""
+    for chatty in QUIET_LOGGERS:
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def configure_logging(level: int = logging.INFO) -> None:
     """Pipeline records as `LEVEL name: message` on stderr; chatty libraries at WARNING."""
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for chatty in QUIET_LOGGERS:
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    quiet_libraries()

@@ -114,17 +114,22 @@ def log_and_register(model: Any, model_name: str) -> str:
     Returns:
         The new version.
     """
+    import keras
     import numpy as np
     from mlflow.models import infer_signature
 
     example = np.zeros((1, *model.input_shape[1:]), dtype=np.float32)
-    info = mlflow.tensorflow.log_model(
-        model,
-        name="model",
-        signature=infer_signature(example, model.predict_on_batch(example)),
-        input_example=example,
-        registered_model_name=model_name,
-    )
+    keras.utils.disable_interactive_logging()  # MLflow's check of the logged model would draw a progress bar
+    try:
+        info = mlflow.tensorflow.log_model(
+            model,
+            name="model",
+            signature=infer_signature(example, model.predict_on_batch(example)),
+            input_example=example,
+            registered_model_name=model_name,
+        )
+    finally:
+        keras.utils.enable_interactive_logging()
     return str(info.registered_model_version)
 
 

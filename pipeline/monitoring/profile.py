@@ -62,7 +62,7 @@ def model_outputs(model, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     import keras
 
     head = model.get_layer("probabilities")
-    embeddings, probabilities = predict(keras.Model(model.inputs, [head.input, model.output]), pixels)
+    embeddings, probabilities = predict(keras.Model(model.input, [head.input, model.output]), pixels)
     return np.asarray(embeddings, dtype=np.float64), np.asarray(probabilities, dtype=np.float64)
 
 

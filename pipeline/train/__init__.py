@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +62,37 @@ def run(
     """
     dist = distribute.setup(cfg.train)  # first: a multi-worker strategy must precede other TF work
     keras.utils.set_random_seed(cfg.train.seed)
-    tf.config.experimental.enable_op_determinism()  # same data and params, same weights (per device type)
+    with op_determinism():  # same data and params, same weights (per device type)
+        return _train(cfg, paths, dist, callbacks)
+
+
+@contextlib.contextmanager
+def op_determinism() -> Iterator[None]:
+    """Deterministic TensorFlow ops for the block only.
+
+    The setting is process-wide; left on, it makes tf.data rewrite Keras' later
+    `predict` pipelines (in a flow run: MLflow's check of the logged model in
+    register) and TensorFlow logs an `E0000 ... use_unbounded_threadpool` line
+    for each. TensorFlow has no public switch back, so this uses the one its
+    config module defines.
+    """
+    from tensorflow.python.framework import config as tf_config
+
+    was_on = tf_config.is_op_determinism_enabled()
+    tf.config.experimental.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if not was_on:
+            tf_config.disable_op_determinism()
+
+
+def _train(
+    cfg: PipelineConfig,
+    paths: StagePaths,
+    dist: distribute.Distribution,
+    callbacks: Sequence[keras.callbacks.Callback],
+) -> TrainResult:
     splits = {name: read_split(paths, name) for name in ("train", "val", "test")}
     names = class_names_of(splits["train"])
     size, batch = cfg.train.image_size, dist.global_batch_size

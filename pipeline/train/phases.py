@@ -96,6 +96,7 @@ def _fit(
         epochs=epochs,
         class_weight=class_weight,
         callbacks=list(callbacks),
+        shuffle=False,  # the dataset reshuffles itself every epoch (pipeline/train/data.py)
         verbose=2,
     )
 
