@@ -80,23 +80,43 @@ def test_flow_runs_every_stage_and_dvc_agrees(tmp_path: Path):
     assert set(again.values()) == {"skipped"}
 
 
-def test_flow_parameter_overrides_land_in_params_and_mlflow(tmp_path: Path):
-    root = small_project(tmp_path / "project")
-    sh(root, "dvc", "repro", "split")
-    outcome = training_flow(
-        root=str(root),
-        epochs=3,
-        overrides={"train.batch_size": 16, "gate.min_accuracy": 0.0, "gate.min_macro_f1": 0.0},
-    )
-    assert outcome["train"] == "ran" and outcome["split"] == "skipped"
-
-    text = (root / "params.yaml").read_text()
-    assert "epochs: 3" in text and "# Prefect deployments" in text  # comments survive the edit
-    cfg = load_config(root / "params.yaml")
-    assert (cfg.train.epochs, cfg.train.batch_size) == (3, 16)
+def mlflow_run_of(root: Path) -> mlflow.entities.Run:
+    """The MLflow run the project's last training started."""
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    run = mlflow.get_run(json.loads((root / "models/mlflow_run.json").read_text())["run_id"])
-    assert run.data.params["train.epochs"] == "3" and run.data.params["train.batch_size"] == "16"
+    return mlflow.get_run(json.loads((root / "models/mlflow_run.json").read_text())["run_id"])
+
+
+def test_an_override_applies_to_its_own_run_only(tmp_path: Path):
+    root = small_project(tmp_path / "project")
+    committed = (root / "params.yaml").read_bytes()
+    # return_state: the gate's verdict on the short run does not matter here
+    training_flow(root=str(root), epochs=3, overrides={"train.batch_size": 16}, return_state=True)
+    assert (root / "params.yaml").read_bytes() == committed
+    assert sh(root, "git", "diff", "--stat", "params.yaml") == ""
+    override_run = mlflow_run_of(root)
+    assert (
+        override_run.data.params["train.epochs"] == "3"
+        and override_run.data.params["train.batch_size"] == "16"
+    )
+    assert json.loads(override_run.data.tags["pipeline.overrides"]) == {
+        "train.batch_size": 16,
+        "train.epochs": 3,
+    }
+    experiment = override_run.data.tags["dvc.experiment"]
+    assert experiment.startswith("override-"), experiment
+    assert experiment in sh(root, "dvc", "exp", "list")  # the DVC state the override produced is kept
+    assert "train" in sh(root, "dvc", "status")  # the workspace's outputs are the override's
+
+    plain = training_flow(root=str(root))
+    assert (root / "params.yaml").read_bytes() == committed
+    assert sh(root, "git", "diff", "--stat", "params.yaml") == ""
+    assert plain["train"] == "ran" and plain["split"] == "skipped"
+    plain_run = mlflow_run_of(root)
+    assert plain_run.info.run_id != override_run.info.run_id
+    committed_cfg = load_config(root / "params.yaml")
+    assert plain_run.data.params["train.epochs"] == str(committed_cfg.train.epochs) == "10"
+    assert plain_run.data.params["train.batch_size"] == str(committed_cfg.train.batch_size)
+    assert "pipeline.overrides" not in plain_run.data.tags
     assert "up to date" in sh(root, "dvc", "status")
 
 
