@@ -14,6 +14,7 @@ from flows.retraining import drift_check_flow
 from flows.training import PROJECT_ROOT
 from pipeline.artifacts import image_files, read_report, read_split
 from pipeline.config import load_config
+from pipeline.monitoring.report import report_files
 from pipeline.monitoring.shifts import brightness, write_batch
 from pipeline.paths import StagePaths
 
@@ -33,7 +34,7 @@ def main() -> None:
     )
     print(f"landed {len(test)} labelled images, brightness +0.3, at {batch.relative_to(PROJECT_ROOT)}")
     summary = drift_check_flow(settle_seconds=0, overrides={"drift.cooldown_hours": 0})
-    report = read_report(paths.drift_reports / f"{name}.json", "drift-check")
+    report = read_report(report_files(paths.drift_reports, name)[0], "drift-check")
     print(f"\ndrift check of {name}: {'DRIFT' if report['drift'] else 'no drift'}")
     for detector in report["detectors"]:
         print(

@@ -61,11 +61,12 @@ STAGE_TASKS = {
 }
 
 REPORT_ARTIFACTS = {
-    "validate": ("validation.json", "validation", artifacts.validation_markdown),
-    "split": ("split.json", "split-counts", artifacts.split_markdown),
-    "evaluate": ("metrics.json", "test-metrics", artifacts.metrics_markdown),
-    "export": ("export.json", "export-table", artifacts.export_markdown),
-    "gate": ("gate.json", "gate-checks", artifacts.gate_markdown),
+    # stage: (its report, a StagePaths attribute; the artifact key; the markdown)
+    "validate": ("validation_report", "validation", artifacts.validation_markdown),
+    "split": ("split_report", "split-counts", artifacts.split_markdown),
+    "evaluate": ("metrics", "test-metrics", artifacts.metrics_markdown),
+    "export": ("export_report", "export-table", artifacts.export_markdown),
+    "gate": ("gate_report", "gate-checks", artifacts.gate_markdown),
 }
 
 
@@ -128,7 +129,7 @@ def publish_report(stage: str, root: Path) -> None:
     """Publish the stage's report as a markdown artifact of the flow run."""
     name, key, render = REPORT_ARTIFACTS[stage]
     cfg = load_config(root / "params.yaml", root)
-    report = StagePaths.from_config(cfg.paths, root).reports / name
+    report: Path = getattr(StagePaths.from_config(cfg.paths, root), name)
     if report.is_file():
         create_markdown_artifact(
             render(json.loads(report.read_text())),

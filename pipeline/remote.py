@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline import s3
+from pipeline import config, s3
 from pipeline.config import StorageConfig
 from pipeline.errors import ConfigError, PipelineError
 
@@ -25,7 +25,7 @@ def remote_url(storage: StorageConfig) -> str:
     """
     if not storage.dvc_remote:
         raise ConfigError(
-            f"no DVC remote configured: set storage.dvc_remote in params.yaml or {s3.DVC_REMOTE_ENV} "
+            f"no DVC remote configured: set storage.dvc_remote in params.yaml or {config.DVC_REMOTE_ENV} "
             "to s3://<bucket>/<prefix>"
         )
     return str(s3.parse_uri(storage.dvc_remote, "storage.dvc_remote")).rstrip("/")

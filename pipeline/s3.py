@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline.config import DVC_REMOTE_ENV, INGEST_URI_ENV, LANDING_URI_ENV, StorageConfig
+from pipeline.config import StorageConfig
 from pipeline.errors import ConfigError, IngestError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DVC_REMOTE_ENV", "INGEST_URI_ENV", "LANDING_URI_ENV"]  # the variables, for messages and tests
 ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # boto3's own names, in its order
 CHUNK = 1 << 20
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import s3
+from pipeline import config, s3
 from pipeline.config import S3Source, StorageConfig, resolve_path
 from pipeline.errors import ConfigError, IngestError
 from pipeline.ingest.sources import SourceFile
@@ -39,7 +39,7 @@ def source_location(source: S3Source) -> s3.S3Location:
     """
     if not source.uri:
         raise ConfigError(
-            f"ingest.source is 's3' but no bucket is named: set ingest.s3.uri or {s3.INGEST_URI_ENV} "
+            f"ingest.source is 's3' but no bucket is named: set ingest.s3.uri or {config.INGEST_URI_ENV} "
             "to s3://<bucket>/<prefix>"
         )
     return s3.parse_uri(source.uri, "ingest.s3.uri")

@@ -75,14 +75,17 @@ table{{border-collapse:collapse}}tr.drift{{background:#fdd}}figure{{display:inli
 """
 
 
+def report_files(folder: Path, batch: str) -> tuple[Path, Path]:
+    """`<folder>/<batch>.json` and `<folder>/<batch>.html`: where a check of `batch` is reported."""
+    return folder / f"{batch}.json", folder / f"{batch}.html"
+
+
 def write_reports(
     report: DriftReport, reference: ReferenceProfile, batch: BatchProfile, folder: Path
 ) -> tuple[Path, Path]:
     """`<folder>/<batch>.json` and `<folder>/<batch>.html`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    json_path = folder / f"{report.batch}.json"
+    json_path, html_path = report_files(folder, report.batch)
     write_report(report.to_dict(), json_path)
-    html_path = folder / f"{report.batch}.html"
     html_path.write_text(html_report(report, reference, batch), encoding="utf-8")
     return json_path, html_path
 

@@ -10,6 +10,11 @@ import mlflow
 from pipeline.config import TrainConfig
 
 
+def history_file(backup_dir: Path, phase: str) -> Path:
+    """The CSVLogger file of one phase; it survives a resume, so history spans interruptions."""
+    return backup_dir / f"{phase}_history.csv"
+
+
 class MlflowEpochMetrics(keras.callbacks.Callback):
     """Log every epoch's metrics to the active MLflow run, numbered across both phases."""
 
@@ -45,7 +50,7 @@ def training_callbacks(
     # History and metrics are written before BackupAndRestore marks the epoch done, so a kill
     # between the two repeats the epoch (dropped as a duplicate) instead of losing its row.
     return [
-        keras.callbacks.CSVLogger(str(backup_dir / f"{phase}_history.csv"), append=True),
+        keras.callbacks.CSVLogger(str(history_file(backup_dir, phase)), append=True),
         *([MlflowEpochMetrics(phase)] if chief else []),
         keras.callbacks.BackupAndRestore(str(backup_dir / phase)),
         keras.callbacks.EarlyStopping(

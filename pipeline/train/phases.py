@@ -20,7 +20,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from pipeline.config import TrainConfig
 from pipeline.paths import StagePaths
-from pipeline.train.callbacks import training_callbacks
+from pipeline.train.callbacks import history_file, training_callbacks
 from pipeline.train.distribute import Distribution
 from pipeline.train.loop import fit_multi_worker
 from pipeline.train.models import BuiltModel, unfreeze_top
@@ -45,7 +45,7 @@ def history_frame(backup: Path) -> pd.DataFrame:
     """One row per epoch across phases and resumes, from the CSVLogger files (epochs 1-based)."""
     frames = []
     for phase in PHASES:
-        log_file = backup / f"{phase}_history.csv"
+        log_file = history_file(backup, phase)
         if log_file.is_file():
             frames.append(pd.read_csv(log_file).assign(phase=phase))
     history = pd.concat(frames).drop_duplicates("epoch", keep="last")
@@ -124,6 +124,21 @@ def fit_phases(
     model, base = built.model, built.base
     first_phase = "train" if base is None else "head"
     head_done = backup / "head.weights.h5"
+
+    def run_phase(phase: str, initial_epoch: int, epochs: int) -> None:
+        callbacks = training_callbacks(cfg, phase, backup, checkpoint, tensorboard, dist.chief)
+        _fit(
+            model,
+            dist,
+            cfg,
+            train,
+            val,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            class_weight=weights,
+            callbacks=[*callbacks, *extra],
+        )
+
     if base is not None:
         base.trainable = False
     _compile(model, dist.learning_rate, cfg.jit_compile)
@@ -131,18 +146,7 @@ def fit_phases(
         log.info("head phase already finished in an earlier run; loading %s", head_done)
         model.load_weights(head_done)
     else:
-        callbacks = training_callbacks(cfg, first_phase, backup, checkpoint, tensorboard, dist.chief)
-        _fit(
-            model,
-            dist,
-            cfg,
-            train,
-            val,
-            epochs=cfg.epochs,
-            initial_epoch=0,
-            class_weight=weights,
-            callbacks=[*callbacks, *extra],
-        )
+        run_phase(first_phase, 0, cfg.epochs)
         if base is not None:
             model.save_weights(head_done)
     if base is not None and cfg.fine_tune.epochs > 0:
@@ -152,16 +156,4 @@ def fit_phases(
         # BackupAndRestore leaves the head phase's restored epoch on the model, and fit() prefers it
         # over initial_epoch; clear it so fine-tuning starts where it should.
         model._initial_epoch = None
-        start = cfg.epochs
-        callbacks = training_callbacks(cfg, "fine_tune", backup, checkpoint, tensorboard, dist.chief)
-        _fit(
-            model,
-            dist,
-            cfg,
-            train,
-            val,
-            epochs=start + cfg.fine_tune.epochs,
-            initial_epoch=start,
-            class_weight=weights,
-            callbacks=[*callbacks, *extra],
-        )
+        run_phase("fine_tune", cfg.epochs, cfg.epochs + cfg.fine_tune.epochs)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pipeline import ingest, s3
+from pipeline import config, ingest, s3
 from pipeline.errors import ConfigError, IngestError
 from pipeline.ingest.s3_source import sync
 from pipeline.ingest.sources import encode_png
@@ -39,7 +39,7 @@ def aws_env(server, monkeypatch):
     """The pipeline's credentials come from the environment, never from params."""
     for name, value in server.env().items():
         monkeypatch.setenv(name, value)
-    for name in (s3.INGEST_URI_ENV, s3.LANDING_URI_ENV, s3.DVC_REMOTE_ENV, "AWS_ENDPOINT_URL"):
+    for name in (config.INGEST_URI_ENV, config.LANDING_URI_ENV, config.DVC_REMOTE_ENV, "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -130,11 +130,11 @@ def test_missing_uri_and_missing_bucket_say_what_to_set(server, aws_env, make_co
     cfg, paths = make_config(params)
     with pytest.raises(ConfigError, match=r"ingest\.s3\.uri or PIPELINE_INGEST_S3_URI"):
         ingest.run(cfg, paths)
-    monkeypatch.setenv(s3.INGEST_URI_ENV, "s3://no-such-bucket/images")
+    monkeypatch.setenv(config.INGEST_URI_ENV, "s3://no-such-bucket/images")
     cfg, paths = make_config(params)  # the variable is applied when the config is loaded
     with pytest.raises(IngestError, match=r"s3://no-such-bucket/images/: cannot list objects \(NoSuchBucket"):
         ingest.run(cfg, paths)
-    monkeypatch.setenv(s3.INGEST_URI_ENV, "mlops/images")
+    monkeypatch.setenv(config.INGEST_URI_ENV, "mlops/images")
     with pytest.raises(
         ConfigError, match="ingest.s3.uri: PIPELINE_INGEST_S3_URI: 'mlops/images' is not an S3 URI"
     ):
@@ -143,7 +143,7 @@ def test_missing_uri_and_missing_bucket_say_what_to_set(server, aws_env, make_co
 
 def test_environment_uri_overrides_params(server, aws_env, make_config, monkeypatch, tmp_path):
     upload_tree(server, "from-env", per_class=2)
-    monkeypatch.setenv(s3.INGEST_URI_ENV, f"s3://{BUCKET}/from-env")
+    monkeypatch.setenv(config.INGEST_URI_ENV, f"s3://{BUCKET}/from-env")
     cfg, _ = make_config(
         {
             "ingest": {"s3": {"uri": f"s3://{BUCKET}/somewhere-else"}},
@@ -195,15 +195,15 @@ def test_dvc_remote_is_written_from_params_or_environment_without_credentials(se
     secret = "do-not-write-this-secret"
     env = {**server.env(), "AWS_SECRET_ACCESS_KEY": secret}
     sh(project, "python", "-m", "pipeline", "dvc-remote", env=env)
-    config = (project / ".dvc" / "config").read_text()
-    assert "url = s3://mlops/from-params" in config
-    assert f"endpointurl = {server.endpoint}" in config
-    assert "remote = storage" in config
+    dvc_config = (project / ".dvc" / "config").read_text()
+    assert "url = s3://mlops/from-params" in dvc_config
+    assert f"endpointurl = {server.endpoint}" in dvc_config
+    assert "remote = storage" in dvc_config
 
-    sh(project, "python", "-m", "pipeline", "dvc-remote", env={**env, s3.DVC_REMOTE_ENV: "s3://mlops/env/"})
-    config = (project / ".dvc" / "config").read_text()
-    assert "url = s3://mlops/env" in config and "from-params" not in config
-    assert secret not in config and not any(
+    sh(project, "python", "-m", "pipeline", "dvc-remote", env={**env, config.DVC_REMOTE_ENV: "s3://mlops/env/"})
+    dvc_config = (project / ".dvc" / "config").read_text()
+    assert "url = s3://mlops/env" in dvc_config and "from-params" not in dvc_config
+    assert secret not in dvc_config and not any(
         secret in p.read_text(errors="ignore") for p in (project / ".dvc").rglob("config*")
     )
     assert os.environ.get("AWS_SECRET_ACCESS_KEY") != secret
