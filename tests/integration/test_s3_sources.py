@@ -200,7 +200,14 @@ def test_dvc_remote_is_written_from_params_or_environment_without_credentials(se
     assert f"endpointurl = {server.endpoint}" in dvc_config
     assert "remote = storage" in dvc_config
 
-    sh(project, "python", "-m", "pipeline", "dvc-remote", env={**env, config.DVC_REMOTE_ENV: "s3://mlops/env/"})
+    sh(
+        project,
+        "python",
+        "-m",
+        "pipeline",
+        "dvc-remote",
+        env={**env, config.DVC_REMOTE_ENV: "s3://mlops/env/"},
+    )
     dvc_config = (project / ".dvc" / "config").read_text()
     assert "url = s3://mlops/env" in dvc_config and "from-params" not in dvc_config
     assert secret not in dvc_config and not any(
