@@ -62,7 +62,7 @@ def images_per_second(model_name: str, precision: str, dataset, batch: int, step
     )
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(0)
-    model = build_model(cfg, CLASSES, ROOT).model
+    model = build_model(cfg, CLASSES, ROOT, SIZE).model
     model.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy", jit_compile=cfg.jit_compile)
     timer = StepTimer(warmup)
     model.fit(dataset.take(warmup + steps), epochs=1, callbacks=[timer], verbose=0)

@@ -83,3 +83,8 @@ def load_trained_model(paths: StagePaths) -> tuple[Any, list[str]]:
     import keras
 
     return keras.models.load_model(paths.keras_model), read_class_names(paths.classes)
+
+
+def input_size(model: Any) -> int:
+    """The side of a trained model's square input (what `train.image_size: auto` decided)."""
+    return int(model.input_shape[1])

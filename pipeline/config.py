@@ -183,18 +183,19 @@ class AugmentConfig(Section):
 
     flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "none"
     rotation: float = Field(0.03, ge=0.0, le=0.5)  # fraction of a full turn
-    zoom: float = Field(0.1, ge=0.0, lt=1.0)
-    translation: float = Field(0.08, ge=0.0, lt=1.0)
+    zoom: float = Field(0.2, ge=0.0, lt=1.0)
+    translation: float = Field(0.1, ge=0.0, lt=1.0)
     brightness: float = Field(0.1, ge=0.0, lt=1.0)
-    contrast: float = Field(0.1, ge=0.0, lt=1.0)
+    contrast: float = Field(0.2, ge=0.0, lt=1.0)
+    channel_shuffle: bool = True  # permute R, G, B at random: colour does not decide the label
 
 
 class FineTuneConfig(Section):
     """Second phase of transfer learning: unfreeze the top `layers` of the base."""
 
-    epochs: int = Field(5, ge=0)
+    epochs: int = Field(5, ge=0)  # passes, with the same steps-per-epoch floor as the first phase
     layers: int = Field(20, ge=0)
-    learning_rate: float = Field(1e-5, gt=0.0)
+    learning_rate: float = Field(1e-5, gt=0.0)  # peak of its own warmup + cosine schedule
 
 
 ModelName = Literal["small_cnn", "mobilenet_v2", "efficientnet_b0", "resnet50"]
@@ -205,18 +206,25 @@ class TrainConfig(Section):
 
     model: ModelName = "small_cnn"
     weights: str = "none"
-    image_size: int = Field(32, ge=8, le=1024)
-    batch_size: int = Field(64, ge=1)  # per replica: the global batch is this times the replicas
-    epochs: int = Field(30, ge=1)
-    learning_rate: float = Field(1e-3, gt=0.0)  # for one replica; scaled by lr_scaling
+    # auto: from the image sizes in the manifest (pipeline/train/recipe.py); a number fixes it
+    image_size: int | Literal["auto"] = "auto"
+    batch_size: int = Field(64, ge=1)  # the largest per-replica batch; small training sets use smaller ones
+    min_batch_size: int = Field(16, ge=1)  # the batch halves down to this for small sets
+    epochs: int = Field(30, ge=1)  # passes over the training data (the head phase for transfer models)
+    min_steps_per_epoch: int = Field(20, ge=1)  # small sets repeat, reshuffled, to fill one
+    min_steps: int = Field(600, ge=0)  # optimizer steps before early stopping may stop, and the least run
+    max_steps: int = Field(20_000, ge=1)  # the most optimizer steps a phase runs, however large the data
+    warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0)  # linear warmup, then cosine decay to zero
+    patience_steps: int = Field(200, ge=1)  # early stopping: steps without a better val_loss
+    learning_rate: float = Field(1e-3, gt=0.0)  # peak, for one replica; scaled by lr_scaling
+    weight_decay: float = Field(1e-4, ge=0.0)  # AdamW's decoupled weight decay
+    width: int = Field(32, ge=4, le=256)  # small_cnn: filters of the first block (doubled per block)
     distribution: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
     lr_scaling: Literal["none", "linear", "sqrt"] = "linear"
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     jit_compile: bool = False
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     fine_tune: FineTuneConfig = FineTuneConfig()
-    early_stopping_patience: int = Field(6, ge=1)
-    reduce_lr_patience: int = Field(3, ge=1)
     class_weights: Literal["auto", "balanced", "none"] = "auto"
     imbalance_threshold: float = Field(1.5, ge=1.0)
     seed: int = 42
@@ -226,8 +234,16 @@ class TrainConfig(Section):
     def _weights_choice(self) -> TrainConfig:
         if self.model == "small_cnn" and self.weights not in {"none"}:
             raise ValueError("weights: small_cnn has no pretrained weights; use 'none'")
-        if self.model != "small_cnn" and self.image_size < 32:
+        if self.model != "small_cnn" and self.image_size != "auto" and self.image_size < 32:
             raise ValueError(f"image_size: {self.model} needs at least 32 pixels, got {self.image_size}")
+        if self.image_size != "auto" and not 8 <= self.image_size <= 1024:
+            raise ValueError(f"image_size: {self.image_size} is outside 8-1024; write a size or 'auto'")
+        if self.min_batch_size > self.batch_size:
+            raise ValueError(
+                f"min_batch_size ({self.min_batch_size}) must not exceed batch_size ({self.batch_size})"
+            )
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps ({self.min_steps}) must not exceed max_steps ({self.max_steps})")
         return self
 
 
@@ -336,6 +352,109 @@ class DriftConfig(Section):
     max_model_age_days: float = Field(30.0, gt=0.0)  # retrain without drift when the champion is older
 
 
+FloatRange = tuple[float, float]  # [low, high] of a searched float; low == high fixes it
+
+
+class TuneSpace(Section):
+    """The search space of `make tune` (pipeline/tune.py); null leaves a knob at its params.yaml value.
+
+    learning_rate is the head's learning rate for transfer models, whose base is searched through
+    fine_tune_learning_rate; width applies to small_cnn only.
+    """
+
+    learning_rate: FloatRange | None = (1e-4, 3e-3)  # log scale
+    fine_tune_learning_rate: FloatRange | None = (1e-6, 1e-4)  # log scale; transfer models only
+    batch_size: list[int] | None = [16, 32, 64]
+    weight_decay: FloatRange | None = (1e-6, 1e-3)  # log scale
+    dropout: FloatRange | None = (0.0, 0.5)
+    width: list[int] | None = [16, 32, 48, 64]
+    zoom: FloatRange | None = (0.0, 0.3)
+    translation: FloatRange | None = (0.0, 0.2)
+    rotation: FloatRange | None = (0.0, 0.1)
+    contrast: FloatRange | None = (0.0, 0.4)
+
+    @field_validator("learning_rate", "fine_tune_learning_rate", "weight_decay")
+    @classmethod
+    def _log_range_positive(cls, value: FloatRange | None) -> FloatRange | None:
+        if value is not None and value[0] <= 0.0:
+            raise ValueError(f"a log-scale range must start above 0, got {list(value)}")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _powers_of_two(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(size < 1 or size & (size - 1) for size in value):
+            raise ValueError(f"batch sizes must be powers of two, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _ranges_valid_for_train(self) -> TuneSpace:
+        for name in TuneSpace.model_fields:
+            choices = getattr(self, name)
+            if choices is None:
+                continue
+            if not choices:
+                raise ValueError(f"{name}: list at least one choice, or write null to leave it out")
+            if isinstance(choices, tuple) and choices[0] > choices[1]:
+                raise ValueError(f"{name}: low {choices[0]} exceeds high {choices[1]}")
+            for value in choices:  # both ends of a range, every choice of a list
+                try:
+                    _train_with(name, value)
+                except ValidationError as error:
+                    message = error.errors()[0]["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"{name}: {value} is not a valid train value: {message}") from None
+        return self
+
+
+def _train_with(knob: str, value: float) -> TrainConfig:
+    """A TrainConfig with one searched knob set, validated (the corners of the space must be valid)."""
+    augment = {"zoom", "translation", "rotation", "contrast"}
+    if knob in augment:
+        return TrainConfig.model_validate({"augment": {knob: value}})
+    if knob == "fine_tune_learning_rate":
+        return TrainConfig.model_validate({"fine_tune": {"learning_rate": value}})
+    return TrainConfig.model_validate({knob: value, "min_batch_size": 1})
+
+
+class TuneConfig(Section):
+    """Hyperparameter search over the train recipe (pipeline/tune.py, `make tune`)."""
+
+    study_name: str = Field("image-classifier-tuning", min_length=1)
+    trials: int = Field(20, ge=1)  # finished (complete + pruned) trials the study reaches, over all processes
+    timeout_seconds: float | None = Field(None, gt=0.0)  # per process; null: until `trials` are done
+    # null: sqlite:///<root>/<cache>/optuna.db; or a database URL shared by several machines
+    # (postgresql://user@host/db); the environment variable PIPELINE_TUNE_STORAGE overrides it
+    storage: str | None = None
+    cache: Path = Path(".cache/tune")  # the default SQLite study and each trial's checkpoints
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    pruner_startup_trials: int = Field(5, ge=0)  # median: finished trials before any pruning
+    pruner_warmup_epochs: int = Field(1, ge=0)  # median: epochs of a trial before it may be pruned
+    seed: int = 0  # the sampler's base seed
+    trial_max_steps: int = Field(400, ge=1)  # caps train.max_steps and train.min_steps of a trial
+    heartbeat_seconds: int = Field(60, ge=1)  # a running trial's heartbeat in the storage
+    grace_seconds: int = Field(180, ge=1)  # without a heartbeat this long, a trial is failed and retried
+    max_retry: int = Field(2, ge=0)  # retries of a trial whose process died
+    space: TuneSpace = TuneSpace()
+
+    @field_validator("storage")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        # Never echo the value: a database URL may carry a password.
+        if value is not None and "://" not in value:
+            raise ValueError(
+                "is not a database URL; write e.g. postgresql://user@host/db or sqlite:////abs/path.db"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _grace_after_heartbeat(self) -> TuneConfig:
+        if self.grace_seconds <= self.heartbeat_seconds:
+            raise ValueError(
+                f"grace_seconds ({self.grace_seconds}) must exceed heartbeat_seconds ({self.heartbeat_seconds})"
+            )
+        return self
+
+
 class PipelineConfig(Section):
     """The whole of params.yaml."""
 
@@ -352,6 +471,7 @@ class PipelineConfig(Section):
     orchestration: OrchestrationConfig = OrchestrationConfig()
     drift: DriftConfig = DriftConfig()
     storage: StorageConfig = StorageConfig()
+    tune: TuneConfig = TuneConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -361,10 +481,12 @@ class PipelineConfig(Section):
 INGEST_URI_ENV = "PIPELINE_INGEST_S3_URI"
 LANDING_URI_ENV = "PIPELINE_LANDING_S3_URI"
 DVC_REMOTE_ENV = "PIPELINE_DVC_REMOTE_URL"
+TUNE_STORAGE_ENV = "PIPELINE_TUNE_STORAGE"  # a shared study's database URL (it may hold a password)
 ENV_OVERRIDES = {
     INGEST_URI_ENV: "ingest.s3.uri",
     LANDING_URI_ENV: "drift.landing_s3",
     DVC_REMOTE_ENV: "storage.dvc_remote",
+    TUNE_STORAGE_ENV: "tune.storage",
 }
 
 

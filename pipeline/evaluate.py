@@ -19,7 +19,7 @@ from sklearn.metrics import (
 )
 
 from pipeline import tracking
-from pipeline.artifacts import image_files, load_trained_model, read_split, write_report
+from pipeline.artifacts import image_files, input_size, load_trained_model, read_split, write_report
 from pipeline.config import PipelineConfig
 from pipeline.images import load_files
 from pipeline.inference import predict
@@ -141,7 +141,7 @@ def score_test_split(
     """The model, class names, test rows, test images, true class indices and predicted probabilities."""
     model, names = load_trained_model(paths)
     test = read_split(paths, "test")
-    images = load_files(image_files(test, paths.root), cfg.train.image_size)
+    images = load_files(image_files(test, paths.root), input_size(model))
     labels = np.array([names.index(label) for label in test["label"]])
     probabilities = predict(model, images)
     return model, names, test, images, labels, probabilities

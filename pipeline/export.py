@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import tracking
-from pipeline.artifacts import image_files, load_trained_model, read_split, write_report
+from pipeline.artifacts import image_files, input_size, load_trained_model, read_split, write_report
 from pipeline.config import PipelineConfig
 from pipeline.images import decode_and_resize, load_files
 from pipeline.inference import predict
@@ -145,7 +145,7 @@ def savedmodel_predict(folder: Path, image_bytes: list[bytes]) -> dict[str, np.n
 def run(cfg: PipelineConfig, paths: StagePaths) -> ExportResult:
     """Export the trained model and measure every variant on the whole test split."""
     model, names = load_trained_model(paths)
-    size = cfg.train.image_size
+    size = input_size(model)
     test, train = read_split(paths, "test"), read_split(paths, "train")
     images = load_files(image_files(test, paths.root), size)
     labels = np.array([names.index(label) for label in test["label"]])

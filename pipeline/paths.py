@@ -53,6 +53,11 @@ class StagePaths:
         return self.reports / "split.json"
 
     @property
+    def train_report(self) -> Path:
+        """What the recipe decided for the data, and whether the model learned."""
+        return self.reports / "train.json"
+
+    @property
     def train_history(self) -> Path:
         return self.reports / "train_history.csv"
 
@@ -96,6 +101,20 @@ class StagePaths:
     def drift_reports(self) -> Path:
         """`<batch>.json` and `<batch>.html` of each drift check."""
         return self.reports / "drift"
+
+    @property
+    def tune_report(self) -> Path:
+        """The study's outcome: trial counts, best trial, its params, the MLflow parent run."""
+        return self.reports / "tune.json"
+
+    @property
+    def tune_patch(self) -> Path:
+        """The best params as a unified diff of params.yaml (`git apply`), never applied by the tool."""
+        return self.reports / "tune.patch"
+
+    def tune_plot(self, name: str) -> Path:
+        """An Optuna plot of the study as HTML: optimization_history or param_importances."""
+        return self.reports / f"tune_{name}.html"
 
     @property
     def keras_model(self) -> Path:

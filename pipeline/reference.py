@@ -16,7 +16,7 @@ import logging
 import mlflow
 
 from pipeline import tracking
-from pipeline.artifacts import image_files, load_trained_model, read_report, read_split
+from pipeline.artifacts import image_files, input_size, load_trained_model, read_report, read_split
 from pipeline.config import PipelineConfig
 from pipeline.monitoring.profile import ReferenceProfile, build_reference
 from pipeline.paths import StagePaths
@@ -29,7 +29,7 @@ def run(cfg: PipelineConfig, paths: StagePaths) -> ReferenceProfile:
     """Profile the validation split, save it, log it to the pipeline's MLflow run.
 
     Args:
-        cfg: the configuration (`train.image_size`, `drift.embeddings.dim`, `mlflow`).
+        cfg: the configuration (`drift.embeddings.dim`, `mlflow`).
         paths: resolved stage paths.
 
     Returns:
@@ -43,7 +43,7 @@ def run(cfg: PipelineConfig, paths: StagePaths) -> ReferenceProfile:
         list(val["label"]),
         model,
         class_names,
-        cfg.train.image_size,
+        input_size(model),
         cfg.drift.embeddings.dim,
         float(metrics["accuracy"]),
     )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
+import math
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -12,18 +14,21 @@ from pathlib import Path
 
 import keras
 import mlflow
+import pandas as pd
 import tensorflow as tf
 
 from pipeline import tracking
-from pipeline.artifacts import class_names_of, read_split, write_class_names
+from pipeline.artifacts import class_names_of, read_split, write_class_names, write_report
 from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.errors import PipelineError
 from pipeline.paths import StagePaths
 from pipeline.train import distribute
 from pipeline.train.augment import augmentation
 from pipeline.train.data import image_dataset
 from pipeline.train.mlflow_run import log_run_context, start_or_resume_run
 from pipeline.train.models import build_model, float32_copy, weights_digest
-from pipeline.train.phases import class_weights, fit_phases, history_frame
+from pipeline.train.phases import Outputs, class_weights, fit_phases, history_frame
+from pipeline.train.recipe import Recipe, plan, short_sides
 
 log = logging.getLogger(__name__)
 
@@ -87,28 +92,101 @@ def op_determinism() -> Iterator[None]:
             tf_config.disable_op_determinism()
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """The splits, class names, recipe and input pipelines of one training job."""
+
+    splits: dict[str, pd.DataFrame]
+    names: list[str]
+    recipe: Recipe
+    train: tf.data.Dataset
+    val: tf.data.Dataset
+
+
+def prepare(cfg: TrainConfig, paths: StagePaths, dist: distribute.Distribution) -> Prepared:
+    """Read the splits, plan the recipe for them (pipeline/train/recipe.py), build the datasets."""
+    splits = {name: read_split(paths, name) for name in ("train", "val", "test")}
+    names = class_names_of(splits["train"])
+    if not paths.manifest.is_file():
+        raise PipelineError(f"{paths.relative(paths.manifest)} not found; run `python -m pipeline ingest`")
+    sides = short_sides(splits["train"], pd.read_csv(paths.manifest, dtype={"path": str}))
+    planned = plan(cfg, sides, dist.replicas, dist.learning_rate, dist.fine_tune_learning_rate)
+    options = distribute.distribute_options()
+    train_ds = image_dataset(
+        splits["train"],
+        paths.root,
+        names,
+        planned.image_size,
+        planned.global_batch_size,
+        shuffle_seed=cfg.seed,
+        augment=augmentation(cfg.augment),
+        repeat=True,
+    ).with_options(options)
+    val_ds = image_dataset(
+        splits["val"], paths.root, names, planned.image_size, planned.global_batch_size
+    ).with_options(options)
+    log.info(
+        "recipe: %dx%d input (%s), batch %d, %d steps per epoch (%.1f passes), up to %d epochs = %d steps, "
+        "warmup %d steps then cosine, early stopping after %d steps",
+        planned.image_size,
+        planned.image_size,
+        planned.image_size_rule,
+        planned.global_batch_size,
+        planned.steps_per_epoch,
+        planned.passes_per_epoch,
+        planned.first.epochs,
+        planned.first.steps,
+        planned.first.warmup_steps,
+        planned.first.start_from_epoch * planned.steps_per_epoch,
+    )
+    return Prepared(splits, names, planned, train_ds, val_ds)
+
+
+def learning_report(history: pd.DataFrame, val: pd.DataFrame, recipe: Recipe) -> dict:
+    """Whether the model learned: best validation accuracy against chance, with what to try if not.
+
+    Chance is the share of the most common class in the validation split; a
+    model "did not learn" when its best validation accuracy is within three
+    binomial standard errors of it (or within 0.05).
+    """
+    counts = val["label"].value_counts()
+    images = int(counts.sum())
+    chance = float(counts.max() / images) if images else float("nan")
+    best = float(history["val_accuracy"].max()) if "val_accuracy" in history else float("nan")
+    margin = max(0.05, 3.0 * math.sqrt(chance * (1.0 - chance) / images)) if images else float("nan")
+    learned = bool(best > chance + margin) if images else True
+    steps = int(len(history) * recipe.steps_per_epoch)
+    report: dict = {
+        "learned": learned,
+        "best_val_accuracy": round(best, 4),
+        "chance_val_accuracy": round(chance, 4),
+        "learned_margin": round(margin, 4),
+        "val_images": images,
+        "epochs_run": len(history),
+        "steps_run": steps,
+    }
+    if not learned:
+        report["advice"] = [
+            f"add images: the training split has {recipe.train_images}; a few hundred per class is "
+            "where a CNN trained from scratch starts to work",
+            "use a transfer model with pretrained weights: train.model: mobilenet_v2 (or efficientnet_b0) "
+            "and train.weights: imagenet",
+            "tune the recipe: `make tune` searches learning rate, batch size, augmentation and width",
+        ]
+    return report
+
+
 def _train(
     cfg: PipelineConfig,
     paths: StagePaths,
     dist: distribute.Distribution,
     callbacks: Sequence[keras.callbacks.Callback],
 ) -> TrainResult:
-    splits = {name: read_split(paths, name) for name in ("train", "val", "test")}
-    names = class_names_of(splits["train"])
-    size, batch = cfg.train.image_size, dist.global_batch_size
-    options = distribute.distribute_options()
-    train_ds = image_dataset(
-        splits["train"],
-        paths.root,
-        names,
-        size,
-        batch,
-        shuffle_seed=cfg.train.seed,
-        augment=augmentation(cfg.train.augment),
-    ).with_options(options)
-    val_ds = image_dataset(splits["val"], paths.root, names, size, batch).with_options(options)
+    prepared = prepare(cfg.train, paths, dist)
+    splits, names, recipe = prepared.splits, prepared.names, prepared.recipe
+    dist = dataclasses.replace(dist, global_batch_size=recipe.global_batch_size)
     with dist.strategy.scope():
-        built = build_model(cfg.train, len(names), paths.root, dist.replicas)
+        built = build_model(cfg.train, len(names), paths.root, recipe.image_size, dist.replicas)
     backup = paths.train_backup / run_fingerprint(cfg.train, paths)
     if not dist.chief:  # per-worker resume state, on the same (shared) storage
         backup = backup / "workers" / dist.worker
@@ -118,14 +196,20 @@ def _train(
     )
     with active as run_, dist.strategy.scope():
         if dist.chief and not resumed:
-            log_run_context(cfg, paths, splits, built, dist)
+            log_run_context(cfg, paths, splits, built, dist, recipe)
+        outputs = Outputs(
+            checkpoint=paths.checkpoint if dist.chief else backup / "keras" / "checkpoint.keras",
+            tensorboard=paths.tensorboard if dist.chief else None,
+            chief=dist.chief,
+        )
         fit_phases(
             built,
-            train_ds,
-            val_ds,
+            prepared.train,
+            prepared.val,
             cfg.train,
+            recipe,
             backup,
-            paths,
+            outputs,
             class_weights(splits["train"], names, cfg.train),
             dist,
             callbacks,
@@ -145,16 +229,75 @@ def _train(
         history_path = paths.train_history
         history_path.parent.mkdir(parents=True, exist_ok=True)
         history.to_csv(history_path, index=False, lineterminator="\n")
+        learned = learning_report(history, splits["val"], recipe)
+        write_report({"recipe": recipe.as_dict(), **learned}, paths.train_report)
+        mlflow.log_metrics({"steps_run": learned["steps_run"], "learned": float(learned["learned"])})
         mlflow.log_artifact(str(history_path), "reports")
+        mlflow.log_artifact(str(paths.train_report), "reports")
         tracking.write_run_file(paths, run_)
     shutil.rmtree(backup, ignore_errors=True)
-    best = float(history["val_accuracy"].max()) if "val_accuracy" in history else float("nan")
     log.info(
-        "trained %s for %d epochs (best val accuracy %.4f) -> %s",
+        "trained %s for %d epochs, %d steps (best val accuracy %.4f) -> %s",
         cfg.train.model,
         len(history),
-        best,
+        learned["steps_run"],
+        learned["best_val_accuracy"],
         paths.relative(paths.keras_model),
     )
+    if not learned["learned"]:
+        log.warning(
+            "the model did not learn: best validation accuracy %.3f after %d steps, chance is %.3f "
+            "(the most common class). Try: %s. Details: %s",
+            learned["best_val_accuracy"],
+            learned["steps_run"],
+            learned["chance_val_accuracy"],
+            "; ".join(learned["advice"]),
+            paths.relative(paths.train_report),
+        )
     assert run_ is not None  # the chief always has its MLflow run
+    best = learned["best_val_accuracy"]
     return TrainResult(paths.keras_model, run_.info.run_id, len(history), best, resumed)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A model trained for a hyperparameter trial: history and recipe, nothing written to the workspace."""
+
+    model: keras.Model
+    history: pd.DataFrame
+    recipe: Recipe
+    best_val_accuracy: float
+
+
+def fit_candidate(
+    cfg: TrainConfig, paths: StagePaths, workdir: Path, callbacks: Sequence[keras.callbacks.Callback] = ()
+) -> Candidate:
+    """Train on the train split and validate on val, as the train stage does, without its outputs.
+
+    For tuning (pipeline/tune.py): checkpoints, resume state and CSV history go
+    under `workdir`; per-epoch metrics go to the active MLflow run (the trial's
+    nested run), and `callbacks` (a pruning callback) see every epoch's logs.
+    """
+    dist = distribute.setup(cfg)
+    keras.utils.set_random_seed(cfg.seed)
+    with op_determinism():
+        prepared = prepare(cfg, paths, dist)
+        with dist.strategy.scope():
+            size = prepared.recipe.image_size
+            built = build_model(cfg, len(prepared.names), paths.root, size, dist.replicas)
+            outputs = Outputs(workdir / "checkpoint.keras", None, mlflow.active_run() is not None)
+            fit_phases(
+                built,
+                prepared.train,
+                prepared.val,
+                cfg,
+                prepared.recipe,
+                workdir,
+                outputs,
+                class_weights(prepared.splits["train"], prepared.names, cfg),
+                dist,
+                callbacks,
+            )
+    history = history_frame(workdir)
+    best = float(history["val_accuracy"].max())
+    return Candidate(built.model, history, prepared.recipe, best)

@@ -1,4 +1,4 @@
-"""Training augmentation as one fused random affine warp per image, plus brightness and contrast.
+"""Training augmentation: one fused random affine warp per image, channel order, brightness and contrast.
 
 Rotation, zoom, translation and flips are composed into a single projective
 transform per image and applied in one `ImageProjectiveTransformV3` call over
@@ -13,6 +13,7 @@ per batch, so a run is reproducible.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from functools import partial
@@ -65,7 +66,7 @@ def augment_batch(images: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig) -> tf.
     """
     count = tf.shape(images)[0]
     height, width = tf.cast(tf.shape(images)[1], tf.float32), tf.cast(tf.shape(images)[2], tf.float32)
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 8)
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 9)
     if cfg.rotation or cfg.zoom or cfg.translation or cfg.flip != "none":
         images = tf.raw_ops.ImageProjectiveTransformV3(  # on uint8: a quarter of the memory traffic
             images=images,
@@ -76,6 +77,10 @@ def augment_batch(images: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig) -> tf.
             fill_mode="NEAREST",
         )
     images = tf.cast(images, tf.float32)
+    if cfg.channel_shuffle:  # one of the 6 orders of R, G, B per image
+        orders = tf.constant(list(itertools.permutations(range(3))), dtype=tf.int32)
+        pick = tf.random.stateless_uniform([count], seeds[8], minval=0, maxval=6, dtype=tf.int32)
+        images = tf.gather(images, tf.gather(orders, pick), axis=3, batch_dims=1)
     if not (cfg.brightness or cfg.contrast):
         return images
     # Brightness (add d) then contrast (scale by f about the image mean m) in one pass:
@@ -89,6 +94,6 @@ def augment_batch(images: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig) -> tf.
 def augmentation(cfg: AugmentConfig) -> Augment | None:
     """The augmentation in params as a function of (images, seed), or None when everything is off."""
     warps = cfg.rotation or cfg.zoom or cfg.translation or cfg.flip != "none"
-    if not (warps or cfg.brightness or cfg.contrast):
+    if not (warps or cfg.brightness or cfg.contrast or cfg.channel_shuffle):
         return None
     return partial(augment_batch, cfg=cfg)

@@ -1,4 +1,7 @@
-"""Training callbacks: early stopping, LR schedule, checkpoints, TensorBoard, resume, MLflow metrics."""
+"""Training callbacks: early stopping (in steps), checkpoints, TensorBoard, resume, MLflow metrics.
+
+The learning-rate schedule is the optimizer's (warmup + cosine, pipeline/train/phases.py).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from pathlib import Path
 import keras
 import mlflow
 
-from pipeline.config import TrainConfig
+from pipeline.train.recipe import Phase
 
 
 def history_file(backup_dir: Path, phase: str) -> Path:
@@ -29,22 +32,24 @@ class MlflowEpochMetrics(keras.callbacks.Callback):
 
 
 def training_callbacks(
-    cfg: TrainConfig,
+    budget: Phase,
     phase: str,
     backup_dir: Path,
     checkpoint: Path,
     tensorboard_dir: Path | None,
     chief: bool = True,
+    first_epoch: int = 0,
 ) -> list[keras.callbacks.Callback]:
     """The callbacks of one training phase.
 
     Args:
-        cfg: the `train` section.
+        budget: the phase's steps (pipeline/train/recipe.py): patience and the earliest stop.
         phase: `head` or `fine_tune` (or `train` for models without a base).
         backup_dir: BackupAndRestore state; a killed run resumes from here.
         checkpoint: best model so far (by validation loss).
         tensorboard_dir: TensorBoard log folder (None: no TensorBoard logs).
         chief: whether this process writes MLflow metrics (only the chief of a multi-worker job).
+        first_epoch: the epoch number the phase starts at (fine-tuning continues the head's count).
     """
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     # History and metrics are written before BackupAndRestore marks the epoch done, so a kill
@@ -54,10 +59,10 @@ def training_callbacks(
         *([MlflowEpochMetrics(phase)] if chief else []),
         keras.callbacks.BackupAndRestore(str(backup_dir / phase)),
         keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=cfg.early_stopping_patience, restore_best_weights=True
-        ),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=0.3, patience=cfg.reduce_lr_patience, min_lr=1e-7
+            monitor="val_loss",
+            patience=budget.patience_epochs,
+            start_from_epoch=first_epoch + budget.start_from_epoch,  # never before min_steps
+            restore_best_weights=True,
         ),
         keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_loss", save_best_only=True),
         *([keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir / phase))] if tensorboard_dir else []),

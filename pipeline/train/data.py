@@ -27,6 +27,7 @@ def image_dataset(
     *,
     shuffle_seed: int | None = None,
     augment: Augment | None = None,
+    repeat: bool = False,
 ) -> tf.data.Dataset:
     """Batches of (pixels, class index) for one split.
 
@@ -39,6 +40,8 @@ def image_dataset(
         shuffle_seed: shuffle every epoch with this seed (training); None keeps file order.
         augment: random transforms (pipeline/train/augment.py) applied per batch after caching,
             so each epoch sees new ones.
+        repeat: repeat forever (reshuffled each pass), for `fit(steps_per_epoch=...)`: a small
+            training set then fills an epoch of the recipe's length (pipeline/train/recipe.py).
 
     Returns:
         A prefetched dataset; decoded images are cached in memory.
@@ -57,6 +60,8 @@ def image_dataset(
     dataset = dataset.cache()
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
     dataset = dataset.batch(batch_size)
     if augment is not None:  # a reproducible seed per batch for the stateless random draws
         seeds = tf.data.Dataset.random(seed=shuffle_seed or 0).batch(2)

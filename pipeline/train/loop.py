@@ -10,6 +10,7 @@ summed across replicas. One- and multi-device runs in one process keep `fit`.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import keras
@@ -58,9 +59,9 @@ def _step_functions(model: keras.Model, strategy: tf.distribute.Strategy, class_
     return distributed(train_step), distributed(test_step)
 
 
-def _epoch(step, dataset) -> tuple[float, float]:
+def _epoch(step, batches) -> tuple[float, float]:
     loss = hits = count = 0.0
-    for x, y in dataset:
+    for x, y in batches:
         batch_loss, batch_hits, batch_count = step(x, y)
         loss, hits, count = loss + float(batch_loss), hits + float(batch_hits), count + float(batch_count)
     return loss / max(count, 1.0), hits / max(count, 1.0)
@@ -73,6 +74,7 @@ def fit_multi_worker(
     val: tf.data.Dataset,
     *,
     epochs: int,
+    steps_per_epoch: int,
     initial_epoch: int,
     class_weight: dict[int, float] | None,
     callbacks: Sequence[keras.callbacks.Callback],
@@ -81,10 +83,11 @@ def fit_multi_worker(
     """Train a compiled model epoch by epoch, with loss, accuracy, val_loss and val_accuracy logs.
 
     The callbacks see what `fit` would show them, so BackupAndRestore, early
-    stopping, ReduceLROnPlateau, checkpoints and the loggers work unchanged.
+    stopping, checkpoints and the loggers work unchanged. `train` repeats
+    forever; an epoch is `steps_per_epoch` of its batches.
     """
     train_step, test_step = _step_functions(model, strategy, class_weight, jit_compile)
-    train_dist = strategy.experimental_distribute_dataset(train)
+    train_batches = iter(strategy.experimental_distribute_dataset(train))
     val_dist = strategy.experimental_distribute_dataset(val)
     callback_list = keras.callbacks.CallbackList(list(callbacks), model=model, epochs=epochs, verbose=0)
     model.stop_training = False
@@ -94,7 +97,7 @@ def fit_multi_worker(
         if model.stop_training:
             break
         callback_list.on_epoch_begin(epoch)
-        loss, accuracy = _epoch(train_step, train_dist)
+        loss, accuracy = _epoch(train_step, itertools.islice(train_batches, steps_per_epoch))
         val_loss, val_accuracy = _epoch(test_step, val_dist)
         logs = {
             "accuracy": accuracy,

@@ -17,6 +17,7 @@ from pipeline.config import PipelineConfig
 from pipeline.paths import StagePaths
 from pipeline.train.distribute import Distribution
 from pipeline.train.models import BuiltModel
+from pipeline.train.recipe import Recipe
 
 
 def start_or_resume_run(
@@ -39,9 +40,10 @@ def log_run_context(
     splits: dict[str, pd.DataFrame],
     built: BuiltModel,
     dist: Distribution,
+    recipe: Recipe,
 ) -> None:
-    """Params, provenance tags (with the strategy and dtype policy used) and the dataset inputs."""
-    mlflow.log_params(tracking.flat_params(cfg))
+    """Params (with the recipe's effective values), provenance tags and the dataset inputs."""
+    mlflow.log_params({**tracking.flat_params(cfg), **recipe.flat()})
     mlflow.set_tags(
         {
             "mlflow.source.git.commit": tracking.git_commit(paths.root),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -19,11 +20,11 @@ import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
 from pipeline.config import TrainConfig
-from pipeline.paths import StagePaths
 from pipeline.train.callbacks import history_file, training_callbacks
 from pipeline.train.distribute import Distribution
 from pipeline.train.loop import fit_multi_worker
 from pipeline.train.models import BuiltModel, unfreeze_top
+from pipeline.train.recipe import Phase, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,23 @@ def history_frame(backup: Path) -> pd.DataFrame:
     return history[["epoch", "phase", *[c for c in history.columns if c not in {"epoch", "phase"}]]]
 
 
-def _compile(model: keras.Model, learning_rate: float, jit_compile: bool) -> None:
+def learning_rate_schedule(budget: Phase) -> keras.optimizers.schedules.LearningRateSchedule:
+    """Linear warmup to the peak over the phase's warmup steps, then a cosine to zero at its last step."""
+    decay = max(budget.steps - budget.warmup_steps, 1)
+    if budget.warmup_steps == 0:
+        return keras.optimizers.schedules.CosineDecay(budget.peak_learning_rate, decay)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay, warmup_target=budget.peak_learning_rate, warmup_steps=budget.warmup_steps
+    )
+
+
+def _compile(model: keras.Model, budget: Phase, cfg: TrainConfig) -> None:
     # Under a mixed_float16 policy Keras wraps the optimizer in a LossScaleOptimizer itself.
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=keras.optimizers.AdamW(learning_rate_schedule(budget), weight_decay=cfg.weight_decay),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
-        jit_compile=jit_compile,
+        jit_compile=cfg.jit_compile,
     )
 
 
@@ -71,6 +82,7 @@ def _fit(
     val: tf.data.Dataset,
     *,
     epochs: int,
+    steps_per_epoch: int,
     initial_epoch: int,
     class_weight: dict[int, float] | None,
     callbacks: Sequence[keras.callbacks.Callback],
@@ -83,6 +95,7 @@ def _fit(
             train,
             val,
             epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
             initial_epoch=initial_epoch,
             class_weight=class_weight,
             callbacks=callbacks,
@@ -94,11 +107,21 @@ def _fit(
         validation_data=val,
         initial_epoch=initial_epoch,
         epochs=epochs,
+        steps_per_epoch=steps_per_epoch,  # the training dataset repeats: an epoch is the recipe's steps
         class_weight=class_weight,
         callbacks=list(callbacks),
-        shuffle=False,  # the dataset reshuffles itself every epoch (pipeline/train/data.py)
+        shuffle=False,  # the dataset reshuffles itself every pass (pipeline/train/data.py)
         verbose=2,
     )
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a training process writes its best checkpoint and TensorBoard logs."""
+
+    checkpoint: Path
+    tensorboard: Path | None
+    chief: bool
 
 
 def fit_phases(
@@ -106,8 +129,9 @@ def fit_phases(
     train: tf.data.Dataset,
     val: tf.data.Dataset,
     cfg: TrainConfig,
+    recipe: Recipe,
     backup: Path,
-    paths: StagePaths,
+    outputs: Outputs,
     weights: dict[int, float] | None,
     dist: Distribution,
     extra: Sequence[keras.callbacks.Callback] = (),
@@ -119,21 +143,22 @@ def fit_phases(
     writes checkpoints and TensorBoard logs where users look; other workers
     keep theirs under `backup`.
     """
-    checkpoint = paths.checkpoint if dist.chief else backup / "keras" / "checkpoint.keras"
-    tensorboard = paths.tensorboard if dist.chief else None
     model, base = built.model, built.base
     first_phase = "train" if base is None else "head"
     head_done = backup / "head.weights.h5"
 
-    def run_phase(phase: str, initial_epoch: int, epochs: int) -> None:
-        callbacks = training_callbacks(cfg, phase, backup, checkpoint, tensorboard, dist.chief)
+    def run_phase(phase: str, budget: Phase, initial_epoch: int) -> None:
+        callbacks = training_callbacks(
+            budget, phase, backup, outputs.checkpoint, outputs.tensorboard, outputs.chief, initial_epoch
+        )
         _fit(
             model,
             dist,
             cfg,
             train,
             val,
-            epochs=epochs,
+            epochs=initial_epoch + budget.epochs,
+            steps_per_epoch=recipe.steps_per_epoch,
             initial_epoch=initial_epoch,
             class_weight=weights,
             callbacks=[*callbacks, *extra],
@@ -141,19 +166,23 @@ def fit_phases(
 
     if base is not None:
         base.trainable = False
-    _compile(model, dist.learning_rate, cfg.jit_compile)
+    _compile(model, recipe.first, cfg)
     if head_done.is_file():
         log.info("head phase already finished in an earlier run; loading %s", head_done)
         model.load_weights(head_done)
     else:
-        run_phase(first_phase, 0, cfg.epochs)
+        run_phase(first_phase, recipe.first, 0)
         if base is not None:
             model.save_weights(head_done)
-    if base is not None and cfg.fine_tune.epochs > 0:
+    if base is not None and recipe.fine_tune is not None:
         unfrozen = unfreeze_top(base, cfg.fine_tune.layers)
-        log.info("fine-tuning %d base layers at learning rate %g", unfrozen, dist.fine_tune_learning_rate)
-        _compile(model, dist.fine_tune_learning_rate, cfg.jit_compile)
+        log.info(
+            "fine-tuning %d base layers at peak learning rate %g",
+            unfrozen,
+            recipe.fine_tune.peak_learning_rate,
+        )
+        _compile(model, recipe.fine_tune, cfg)
         # BackupAndRestore leaves the head phase's restored epoch on the model, and fit() prefers it
         # over initial_epoch; clear it so fine-tuning starts where it should.
         model._initial_epoch = None
-        run_phase("fine_tune", cfg.epochs, cfg.epochs + cfg.fine_tune.epochs)
+        run_phase("fine_tune", recipe.fine_tune, recipe.first.epochs)

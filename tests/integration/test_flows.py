@@ -16,7 +16,7 @@ from flows.deployments import build_deployments
 from flows.training import training_flow
 from pipeline.config import load_config
 from pipeline.errors import DataValidationError
-from tests.conftest import copy_project, digit_images, sh, write_tree
+from tests.conftest import FAST_RECIPE, NO_AUGMENT, copy_project, digit_images, sh, write_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,8 +34,7 @@ def small_project(target: Path, per_class: int = 40) -> Path:
     def edit(params: dict) -> None:
         params["ingest"].update({"source": "folder", "folder": {"path": str(source)}})
         params["validate"]["min_images_per_class"] = 5
-        params["train"].update({"epochs": 10, "batch_size": 8, "early_stopping_patience": 10})
-        params["train"]["augment"] = {key: 0.0 for key in params["train"]["augment"]} | {"flip": "none"}
+        params["train"].update({"epochs": 10, "batch_size": 8, **FAST_RECIPE, "augment": NO_AUGMENT})
         params["export"]["calibration_images"] = 20
         params["gate"].update(
             {

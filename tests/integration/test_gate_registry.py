@@ -8,7 +8,7 @@ import pytest
 from pipeline import baseline, evaluate, export, gate, ingest, register, split, train, validate
 from pipeline.errors import GateFailed
 from pipeline.registry import rollback
-from tests.conftest import digit_images, write_tree
+from tests.conftest import FAST_RECIPE, digit_images, write_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -29,7 +29,7 @@ def project(tmp_path, make_config):
     base = {
         "ingest": {"source": "folder", "folder": {"path": str(source)}},
         "validate": {"min_images_per_class": 5},
-        "train": {"epochs": 15, "batch_size": 16, "early_stopping_patience": 8},
+        "train": {"epochs": 15, "batch_size": 16, **FAST_RECIPE},
         "export": {"calibration_images": 20},
         "gate": {
             "min_accuracy": 0.8,
@@ -59,7 +59,7 @@ def test_weak_model_is_refused_and_champion_stays(project, make_config):
     assert register.run(cfg, paths).alias == "champion"
     assert champion("gate-test") == "1"
 
-    weak = {**base, "train": {"epochs": 1, "learning_rate": 1e-7, "batch_size": 16}}
+    weak = {**base, "train": {"epochs": 1, "learning_rate": 1e-7, "batch_size": 16, **FAST_RECIPE}}
     cfg, _, verdict = train_and_register(make_config, weak)
     failed = {c.name for c in verdict.failed}
     assert {"min_accuracy", "no_regression_vs_champion"} <= failed

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from pipeline.ingest.sources import encode_png
-from tests.conftest import copy_project, digit_images, sh, tree_digest
+from tests.conftest import FAST_RECIPE, NO_AUGMENT, copy_project, digit_images, sh, tree_digest
 from tests.s3_faults import FaultyS3Proxy
 from tests.servers import mlflow_server, moto_s3, postgres
 
@@ -67,8 +67,7 @@ def team(backends, tmp_path_factory):
         params["ingest"]["source"] = "s3"
         params["ingest"]["s3"]["uri"] = f"s3://{BUCKET}/images"
         params["validate"]["min_images_per_class"] = 5
-        params["train"].update({"epochs": 8, "batch_size": 8, "early_stopping_patience": 8})
-        params["train"]["augment"] = {key: 0.0 for key in params["train"]["augment"]} | {"flip": "none"}
+        params["train"].update({"epochs": 8, "batch_size": 8, **FAST_RECIPE, "augment": NO_AUGMENT})
         params["export"]["calibration_images"] = 20
         params["gate"].update(
             {"min_accuracy": 0.5, "min_macro_f1": 0.5, "min_margin_over_baseline": -1.0}

@@ -22,7 +22,7 @@ import yaml
 from pipeline import ingest, split, train, validate
 from pipeline.config import PipelineConfig, parse_config
 from pipeline.paths import StagePaths
-from tests.conftest import REPO_ROOT, digit_images, merge, write_tree
+from tests.conftest import FAST_RECIPE, NO_AUGMENT, REPO_ROOT, digit_images, merge, write_tree
 
 # 3 classes x 40 distinct digits, 32x32 PNGs; 20 % of them (24 images) form the test split.
 CLASSES = 3
@@ -38,9 +38,8 @@ BASE_OVERRIDES: dict[str, Any] = {
         "batch_size": 8,
         "epochs": 10,
         "learning_rate": 0.001,
-        "early_stopping_patience": 10,
-        "reduce_lr_patience": 10,
-        "augment": {"rotation": 0.0, "zoom": 0.0, "translation": 0.0, "brightness": 0.0, "contrast": 0.0},
+        **FAST_RECIPE,
+        "augment": NO_AUGMENT,
     },
     "export": {"calibration_images": 30},
     "evaluate": {"latency_images": 5},

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline import ingest, split, train, validate
-from tests.conftest import digit_images, write_tree
+from tests.conftest import FAST_RECIPE, digit_images, write_tree
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,7 @@ def test_training_twice_gives_identical_weights(tmp_path, make_config):
         {
             "ingest": {"source": "folder", "folder": {"path": str(source)}},
             "validate": {"min_images_per_class": 5},
-            "train": {"epochs": 2, "batch_size": 16},
+            "train": {"epochs": 2, "batch_size": 16, **FAST_RECIPE},
         }
     )
     ingest.run(cfg, paths)

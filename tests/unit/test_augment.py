@@ -9,7 +9,9 @@ from pipeline.config import AugmentConfig
 from pipeline.train.augment import augment_batch, augmentation
 
 # Every transform off; each test turns on the one it checks.
-OFF = AugmentConfig(rotation=0.0, zoom=0.0, translation=0.0, brightness=0.0, contrast=0.0)
+OFF = AugmentConfig(
+    rotation=0.0, zoom=0.0, translation=0.0, brightness=0.0, contrast=0.0, channel_shuffle=False
+)
 
 
 def images() -> tf.Tensor:
@@ -20,6 +22,22 @@ def images() -> tf.Tensor:
 def test_nothing_configured_means_no_augmentation():
     assert augmentation(OFF) is None
     assert augmentation(OFF.model_copy(update={"contrast": 0.1})) is not None
+    assert augmentation(OFF.model_copy(update={"channel_shuffle": True})) is not None
+
+
+def test_channel_shuffle_permutes_each_images_channels_and_nothing_else():
+    batch = tf.constant(np.random.default_rng(1).integers(0, 256, (64, 5, 4, 3)), dtype=tf.uint8)
+    out = augment_batch(batch, tf.constant([7, 8]), OFF.model_copy(update={"channel_shuffle": True})).numpy()
+    orders = []
+    for original, shuffled in zip(batch.numpy().astype(np.float32), out, strict=True):
+        matches = [
+            order
+            for order in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+            if np.array_equal(original[..., list(order)], shuffled)
+        ]
+        assert len(matches) == 1  # pixels untouched, channels in one of the six orders
+        orders.append(matches[0])
+    assert len(set(orders)) == 6  # every order is drawn over 64 images
 
 
 def test_the_same_seed_gives_the_same_batch_and_another_seed_another():

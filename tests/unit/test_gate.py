@@ -38,3 +38,13 @@ def test_skipped_is_not_failed_but_reported():
 
     result = GateResult([GateCheck("no_regression_vs_champion", None, -0.01, "skipped", "first model")])
     assert result.passed and result.failed == []
+
+
+def test_a_failed_absolute_threshold_says_it_is_policy_and_where_to_set_it():
+    checks = {c.name: c for c in threshold_checks(*reports(accuracy=0.8, f1=0.7, baseline=0.6), GateConfig())}
+    for name in ("min_accuracy", "min_macro_f1"):
+        assert checks[name].status == "failed"
+        assert f"policy value (gate.{name} in params.yaml)" in checks[name].detail
+    assert "policy" not in checks["margin_over_baseline"].detail  # a relative check, not a policy floor
+    passing = {c.name: c for c in threshold_checks(*reports(), GateConfig())}
+    assert "policy" not in passing["min_accuracy"].detail
