@@ -85,7 +85,9 @@ def run(checkout: Path, source: str, workdir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--old", default=OLD_RECIPE, help="commit of the epoch-counted recipe")
     parser.add_argument("--only", default="", help="comma-separated datasets (default: all and digits)")
     args = parser.parse_args()
@@ -97,7 +99,9 @@ def main() -> None:
         try:
             rows = []
             for name in names:
-                source = "embedded" if name == "digits" else str(write_dataset(name, scratch / f"{name}-images"))
+                source = (
+                    "embedded" if name == "digits" else str(write_dataset(name, scratch / f"{name}-images"))
+                )
                 before = run(old, source, scratch / "runs" / f"{name}-old")
                 after = run(ROOT, source, scratch / "runs" / f"{name}-new")
                 rows.append((name, before, after))
@@ -105,8 +109,10 @@ def main() -> None:
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, check=False)
     print()
-    print("| dataset | HOG+SVM | CNN old | CNN new | new - HOG | train s old | train s new | time new/old "
-          "| steps old | steps new |")
+    print(
+        "| dataset | HOG+SVM | CNN old | CNN new | new - HOG | train s old | train s new | time new/old "
+        "| steps old | steps new |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, before, after in rows:
         print(
@@ -118,7 +124,8 @@ def main() -> None:
     print(f"\nnew CNN >= HOG on every dataset: {matched}")
     for name, before, after in rows:
         if name == "digits":
-            print(f"full digits, training time new/old: {after['seconds'] / before['seconds']:.2f} (target <= 1.5)")
+            ratio = after["seconds"] / before["seconds"]
+            print(f"full digits, training time new/old: {ratio:.2f} (target <= 1.5)")
 
 
 if __name__ == "__main__":

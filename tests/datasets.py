@@ -36,7 +36,9 @@ def colours(rng: np.random.Generator) -> tuple[Colour, Colour]:
             return fg, bg  # type: ignore[return-value]
 
 
-def _polygon(centre: tuple[float, float], radius: float, corners: int, angle: float) -> list[tuple[float, float]]:
+def _polygon(
+    centre: tuple[float, float], radius: float, corners: int, angle: float
+) -> list[tuple[float, float]]:
     return [
         (
             centre[0] + radius * math.cos(angle + 2 * math.pi * k / corners),
@@ -46,7 +48,9 @@ def _polygon(centre: tuple[float, float], radius: float, corners: int, angle: fl
     ]
 
 
-def _placement(rng: np.random.Generator, side: int, low: float, high: float) -> tuple[tuple[float, float], float]:
+def _placement(
+    rng: np.random.Generator, side: int, low: float, high: float
+) -> tuple[tuple[float, float], float]:
     """A centre and radius for an object of diameter low..high of the side, fully inside the image."""
     radius = rng.uniform(low, high) * side / 2
     centre = (rng.uniform(radius, side - radius), rng.uniform(radius, side - radius))
@@ -58,7 +62,9 @@ def _shape(kind: str) -> Painter:
         centre, radius = _placement(rng, side, 0.35, 0.8)
         angle = rng.uniform(-0.25, 0.25)
         if kind == "circle":
-            draw.ellipse([centre[0] - radius, centre[1] - radius, centre[0] + radius, centre[1] + radius], fill=fg)
+            draw.ellipse(
+                [centre[0] - radius, centre[1] - radius, centre[0] + radius, centre[1] + radius], fill=fg
+            )
         elif kind == "square":
             draw.polygon(_polygon(centre, radius, 4, math.pi / 4 + angle), fill=fg)
         elif kind == "triangle":

@@ -192,7 +192,8 @@ def setup(cfg: TrainConfig) -> Distribution:
         worker=worker_id(),
     )
     log.info(
-        "%s with %d replica(s), global batch %d, learning rate %g (%s scaling), dtype policy %s, %s",
+        "%s with %d replica(s), global batch up to %d, peak learning rate %g (%s scaling), "
+        "dtype policy %s, %s",
         distribution.strategy_name,
         replicas,
         distribution.global_batch_size,

@@ -107,7 +107,9 @@ def batch_size_for(cfg: TrainConfig, train_images: int, replicas: int) -> int:
 
 def _phase(cfg: TrainConfig, epochs: int, steps_per_epoch: int, learning_rate: float) -> Phase:
     steps = min(max(epochs * steps_per_epoch, cfg.min_steps), cfg.max_steps)
-    epochs = max(math.ceil(steps / steps_per_epoch), 1)
+    epochs = max(math.ceil(steps / steps_per_epoch), 1)  # whole epochs: at least min_steps ...
+    if epochs * steps_per_epoch > cfg.max_steps:  # ... and at most max_steps (one epoch at the least)
+        epochs = max(cfg.max_steps // steps_per_epoch, 1)
     steps = epochs * steps_per_epoch
     return Phase(
         epochs=epochs,
