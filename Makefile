@@ -9,7 +9,7 @@ export GX_ANALYTICS_ENABLED := False
 # The temporary Prefect server of `make run` would try to send telemetry and log an ERROR when offline.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run repro deploy drift-check drift-demo test install lint typecheck clean \
+.PHONY: run repro deploy drift-check drift-demo tune test install lint typecheck clean \
 	mlflow-server prefect-server prefect-worker dvc-remote
 
 run: $(STAMP) ## create the venv if missing, install, run the training flow on params.yaml
@@ -18,11 +18,14 @@ run: $(STAMP) ## create the venv if missing, install, run the training flow on p
 repro: $(STAMP) ## the same stages without Prefect
 	dvc repro
 
-deploy: $(STAMP) ## register the training and drift-check deployments with the Prefect server
+deploy: $(STAMP) ## register the training, drift-check and tuning deployments with the Prefect server
 	python -m flows.deployments
 
 drift-check: $(STAMP) ## check the landing area for drift once, now (what the drift-check deployment runs)
 	python -m flows.retraining
+
+tune: $(STAMP) ## search the train recipe with Optuna (params.yaml tune:); best params -> reports/tune.patch, never applied
+	python -m pipeline tune
 
 drift-demo: $(STAMP) ## land a brightened batch of digits and run the drift-check flow once
 	python -m flows.training

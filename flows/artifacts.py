@@ -115,3 +115,26 @@ def retraining_markdown(summary: dict) -> str:
         f"Champion: {summary.get('champion') or 'none'}. Decision: {summary.get('decision', '-')}. "
         f"Training: {summary.get('training', '-')}.\n\n" + _table(["batch", "outcome"], rows)
     )
+
+
+def tuning_markdown(report: dict) -> str:
+    """A tuning run: the study's trial counts, its best trial and params, and how to use them."""
+    counts = ", ".join(f"{count} {state}" for state, count in report["counts"].items() if count)
+    head = (
+        f"# Tuning: study `{report['study_name']}`\n\n"
+        f"{counts or 'no trials'} (target {report['target_trials']}); storage `{report['storage']}`.\n\n"
+    )
+    if report["best_trial"] is None:
+        return head + "No trial completed yet."
+    rows = [[key, f"{value:.4g}"] for key, value in report["best_params"].items()]
+    use = (
+        f"`git apply {report['patch']} && dvc repro` applies them; params.yaml was not changed."
+        if report["patch"]
+        else "params.yaml already holds them."
+    )
+    return (
+        head
+        + f"Best: trial {report['best_trial']}, val_accuracy {report['best_value']:.4f}.\n\n"
+        + _table(["param", "best"], rows)
+        + f"\n\n{use}"
+    )

@@ -1,6 +1,6 @@
-"""Deployments of the training and drift-check flows, with schedules from params.yaml.
+"""Deployments of the training, drift-check and tuning flows, with schedules from params.yaml.
 
-`python -m flows.deployments` registers both with the Prefect server named by
+`python -m flows.deployments` registers them with the Prefect server named by
 PREFECT_API_URL (creating the process work pool if missing); a worker started
 with `prefect worker start --pool <work_pool>` then runs them.
 """
@@ -15,14 +15,16 @@ from prefect.deployments.runner import RunnerDeployment
 
 from flows.retraining import drift_check_flow
 from flows.training import PROJECT_ROOT, training_flow
+from flows.tuning import tuning_flow
 from pipeline.config import OrchestrationConfig, load_config
 
 
 def build_deployments(cfg: OrchestrationConfig, root: Path = PROJECT_ROOT) -> list[RunnerDeployment]:
-    """The `training` and `drift-check` deployments.
+    """The `training` and `drift-check` deployments, and `tuning` (run on demand, no schedule).
 
     Training has a concurrency limit of one with queueing, so two triggers
-    (a schedule and a drift alarm, say) never train at the same time.
+    (a schedule and a drift alarm, say) never train at the same time. Tuning
+    has no limit: runs on several workers share one study (params.yaml `tune.storage`).
     """
     # from_source: the worker pulls the code from this folder (a set-working-directory step),
     # so it runs the project in place, whatever folder the worker was started in.
@@ -47,10 +49,18 @@ def build_deployments(cfg: OrchestrationConfig, root: Path = PROJECT_ROOT) -> li
         description="Checks new image batches for drift; retrains, gates and promotes when they drifted",
         tags=["drift"],
     )
+    tuning = tuning_flow.from_source(source, "flows/tuning.py:tuning_flow").to_deployment(
+        name="tuning",
+        parameters={"root": str(root)},
+        work_pool_name=cfg.work_pool,
+        description="An Optuna study over the train recipe; trials are nested MLflow runs, the best params "
+        "a params.yaml patch (never applied)",
+        tags=["tuning"],
+    )
     for deployment in (training, drift):
         for schedule in deployment.schedules or []:
             schedule.schedule.timezone = cfg.timezone
-    return [training, drift]
+    return [training, drift, tuning]
 
 
 async def ensure_work_pool(name: str) -> None:
@@ -67,7 +77,7 @@ async def ensure_work_pool(name: str) -> None:
 
 
 def register_deployments(root: Path = PROJECT_ROOT) -> list[str]:
-    """Create the work pool if needed and apply both deployments; returns their ids."""
+    """Create the work pool if needed and apply the deployments; returns their ids."""
     cfg = load_config(root / "params.yaml", root).orchestration
     asyncio.run(ensure_work_pool(cfg.work_pool))
     return [

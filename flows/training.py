@@ -145,13 +145,18 @@ def publish_mlflow_link(root: Path) -> str | None:
     if not run_file.is_file():
         return None
     run = json.loads(run_file.read_text())
+    return publish_run_link(run["experiment_id"], run["run_id"], "mlflow-run")
+
+
+def publish_run_link(experiment_id: str, run_id: str, key: str) -> str:
+    """A link artifact to an MLflow run in the UI of the tracking server (or of the local store)."""
     server = os.environ.get("MLFLOW_TRACKING_URI", "")
     base = server if server.startswith("http") else "http://127.0.0.1:5000"
-    link = f"{base.rstrip('/')}/#/experiments/{run['experiment_id']}/runs/{run['run_id']}"
+    link = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     create_link_artifact(
         link,
-        link_text=f"MLflow run {run['run_id']}",
-        key="mlflow-run",
+        link_text=f"MLflow run {run_id}",
+        key=key,
         description="Local store: start the UI with "
         "`mlflow ui --backend-store-uri sqlite:///mlflow.db` first."
         if not server

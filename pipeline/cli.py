@@ -92,3 +92,23 @@ def dvc_remote(
 
     url = run_stage(params, lambda cfg, paths: configure_remote(cfg.storage, paths.root, local))
     typer.echo(f"DVC remote: {url}; `dvc push` uploads data and models, `dvc pull` restores them")
+
+
+@app.command()
+def tune(params: ParamsOption = Path("params.yaml")) -> None:
+    """Search the train recipe (params.yaml `tune:`) with Optuna; best params go to reports/tune.patch."""
+    from pipeline import tune as tuning
+
+    result = run_stage(params, lambda cfg, paths: tuning.run(cfg, paths, params))
+    counts = ", ".join(f"{count} {state}" for state, count in result.counts.items() if count)
+    typer.echo(f"study {result.study_name} ({result.storage}): {counts or 'no trials'}")
+    if result.best_trial is None:
+        typer.echo("no trial completed yet")
+        return
+    typer.echo(f"best: trial {result.best_trial}, val_accuracy {result.best_value:.4f}")
+    for key, value in result.best_params.items():
+        typer.echo(f"  {key}: {value:.4g}")
+    if result.patch:
+        typer.echo(f"params.yaml is unchanged; review the change in {result.patch}")
+    else:
+        typer.echo("params.yaml already holds the best params")

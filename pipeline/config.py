@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -281,6 +282,9 @@ class GateConfig(Section):
     min_margin_over_baseline: float = Field(0.0, ge=-1.0, le=1.0)
     max_int8_accuracy_drop: float = Field(0.02, ge=0.0, le=1.0)
     champion_tolerance: float = Field(0.01, ge=0.0, le=1.0)
+    # The candidate predicts other classes than the champion: block (fail), compare_common (compare
+    # on the test images of the shared classes), or allow (promote without comparing, shown as skipped).
+    on_class_change: Literal["block", "compare_common", "allow"] = "block"
 
 
 class MlflowConfig(Section):
@@ -387,23 +391,22 @@ class TuneSpace(Section):
             raise ValueError(f"batch sizes must be powers of two, got {value}")
         return value
 
-    @model_validator(mode="after")
-    def _ranges_valid_for_train(self) -> TuneSpace:
-        for name in TuneSpace.model_fields:
-            choices = getattr(self, name)
-            if choices is None:
-                continue
-            if not choices:
-                raise ValueError(f"{name}: list at least one choice, or write null to leave it out")
-            if isinstance(choices, tuple) and choices[0] > choices[1]:
-                raise ValueError(f"{name}: low {choices[0]} exceeds high {choices[1]}")
-            for value in choices:  # both ends of a range, every choice of a list
-                try:
-                    _train_with(name, value)
-                except ValidationError as error:
-                    message = error.errors()[0]["msg"].removeprefix("Value error, ")
-                    raise ValueError(f"{name}: {value} is not a valid train value: {message}") from None
-        return self
+    @field_validator("*")
+    @classmethod
+    def _valid_for_train(cls, choices: Any, info: ValidationInfo) -> Any:
+        if choices is None:
+            return choices
+        if not choices:
+            raise ValueError("list at least one choice, or write null to leave the knob out")
+        if isinstance(choices, tuple) and choices[0] > choices[1]:
+            raise ValueError(f"low {choices[0]} exceeds high {choices[1]}")
+        for value in choices:  # both ends of a range, every choice of a list
+            try:
+                _train_with(str(info.field_name), value)
+            except ValidationError as error:
+                message = error.errors()[0]["msg"].removeprefix("Value error, ")
+                raise ValueError(f"{value} is not a valid train value: {message}") from None
+        return choices
 
 
 def _train_with(knob: str, value: float) -> TrainConfig:
@@ -450,7 +453,8 @@ class TuneConfig(Section):
     def _grace_after_heartbeat(self) -> TuneConfig:
         if self.grace_seconds <= self.heartbeat_seconds:
             raise ValueError(
-                f"grace_seconds ({self.grace_seconds}) must exceed heartbeat_seconds ({self.heartbeat_seconds})"
+                f"grace_seconds ({self.grace_seconds}) must exceed "
+                f"heartbeat_seconds ({self.heartbeat_seconds})"
             )
         return self
 

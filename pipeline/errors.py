@@ -27,3 +27,11 @@ class SplitError(PipelineError):
 
 class GateFailed(PipelineError):
     """The model did not pass the gate; it was registered as challenger, not promoted."""
+
+
+class RegistryError(PipelineError):
+    """The model registry could not be read or written (not: it holds no such model or alias)."""
+
+
+class StaleGate(PipelineError):
+    """The champion moved after the gate compared against it; the candidate stays challenger."""

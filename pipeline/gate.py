@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 
 import mlflow
 import numpy as np
+import pandas as pd
 
 from pipeline import registry, tracking
 from pipeline.artifacts import (
@@ -19,6 +20,7 @@ from pipeline.artifacts import (
     write_report,
 )
 from pipeline.config import GateConfig, PipelineConfig
+from pipeline.errors import PipelineError, RegistryError
 from pipeline.images import load_files
 from pipeline.inference import predict
 from pipeline.paths import StagePaths
@@ -100,44 +102,105 @@ def policy_note(check: GateCheck) -> GateCheck:
     return dataclasses.replace(check, detail=check.detail + note)
 
 
-def champion_accuracy(champion: registry.RegisteredModel, paths: StagePaths, class_names: list[str]) -> float:
-    """Re-evaluate the champion on this test split (at its own input size)."""
+CHAMPION_CHECK = "no_regression_vs_champion"
+
+
+@dataclass(frozen=True)
+class ChampionComparison:
+    """The champion check, the champion version it compared against, and a registry failure if any."""
+
+    check: GateCheck
+    champion_version: str | None
+    registry_error: str | None = None
+
+
+def champion_hits(
+    champion: registry.RegisteredModel, names: list[str], paths: StagePaths, test
+) -> np.ndarray:
+    """Whether the champion (at its own input size, in its own class order) is right on each test row."""
     model = registry.load_model(champion)
-    test = read_split(paths, "test")
     images = load_files(image_files(test, paths.root), input_size(model))
-    labels = np.array([class_names.index(label) for label in test["label"]])
-    return float((predict(model, images).argmax(axis=1) == labels).mean())
+    predicted = np.array(names)[predict(model, images).argmax(axis=1)]
+    return np.asarray(predicted == test["label"].to_numpy())
 
 
-def champion_check(
-    accuracy: float, class_names: list[str], cfg: PipelineConfig, paths: StagePaths
-) -> GateCheck:
-    """No regression beyond the tolerance against the current champion, on this test split."""
-    tolerance = -cfg.gate.champion_tolerance
-    champion = registry.champion(cfg.mlflow.registered_model)
-    if champion is None:
-        return GateCheck(
-            "no_regression_vs_champion",
-            None,
-            tolerance,
-            "skipped",
-            f"no '{registry.CHAMPION}' alias on {cfg.mlflow.registered_model} yet (first model)",
+def candidate_hits(paths: StagePaths) -> np.ndarray:
+    """Whether the candidate is right on each test row, from evaluate's predictions (test split order)."""
+    if not paths.predictions.is_file():
+        raise PipelineError(
+            f"{paths.relative(paths.predictions)} not found; run `python -m pipeline evaluate`"
         )
-    if champion.class_names != class_names:
-        return GateCheck(
-            "no_regression_vs_champion",
-            None,
-            tolerance,
-            "skipped",
-            f"champion v{champion.version} predicts other classes {champion.class_names}",
-        )
-    theirs = champion_accuracy(champion, paths, class_names)
-    return at_least(
-        "no_regression_vs_champion",
-        accuracy - theirs,
-        tolerance,  # change vs champion
-        f"accuracy {accuracy:.4f} vs champion v{champion.version} {theirs:.4f} on this test split",
+    predictions = pd.read_csv(paths.predictions, dtype=str, keep_default_na=False)
+    return np.asarray(predictions["actual"].to_numpy() == predictions["predicted"].to_numpy())
+
+
+def class_change(
+    ours: list[str], champion: registry.RegisteredModel, policy: str, tolerance: float
+) -> GateCheck | None:
+    """The check when the classes differ and the policy decides without comparing (block, allow)."""
+    theirs = champion.class_names or []
+    added, removed = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    change = (
+        f"the candidate's classes differ from champion v{champion.version}'s: "
+        f"added {added or 'none'}, removed {removed or 'none'}"
     )
+    if champion.class_names is None:
+        change = f"champion v{champion.version} records no class names (tag '{registry.CLASS_NAMES_TAG}')"
+    if policy == "allow":
+        return GateCheck(CHAMPION_CHECK, None, tolerance, "skipped", f"{change}; gate.on_class_change: allow")
+    if policy == "block" or not set(ours) & set(theirs):
+        return GateCheck(
+            CHAMPION_CHECK,
+            None,
+            tolerance,
+            "failed",
+            f"{change}; gate.on_class_change is '{policy}'"
+            + (" and no class is shared" if policy != "block" else "")
+            + ": set it to 'compare_common' (compare on the test images of the shared classes) or "
+            "'allow' (promote without comparing) in params.yaml if the change is intended",
+        )
+    return None
+
+
+def champion_check(accuracy: float, class_names: list[str], cfg: PipelineConfig, paths: StagePaths):
+    """No regression beyond the tolerance against the current champion, on this test split.
+
+    Fails closed: a registry that cannot be read fails the check (it never
+    reads as "no champion"), and a class change blocks unless
+    `gate.on_class_change` says to compare on the shared classes or allow it.
+    """
+    tolerance = -cfg.gate.champion_tolerance
+    name = cfg.mlflow.registered_model
+    try:
+        tracking.configure(cfg.mlflow, paths.root)
+        champion = registry.champion(name)
+    except PipelineError as error:
+        detail = f"the champion could not be looked up, so the candidate was not compared: {error}"
+        return ChampionComparison(
+            GateCheck(CHAMPION_CHECK, None, tolerance, "failed", detail), None, str(error)
+        )
+    if champion is None:
+        detail = f"no '{registry.CHAMPION}' alias on {name} yet (first model)"
+        return ChampionComparison(GateCheck(CHAMPION_CHECK, None, tolerance, "skipped", detail), None)
+    test = read_split(paths, "test")
+    if champion.class_names == class_names:
+        ours, theirs = accuracy, float(champion_hits(champion, class_names, paths, test).mean())
+        scope = "this test split"
+    else:
+        decided = class_change(class_names, champion, cfg.gate.on_class_change, tolerance)
+        if decided is not None:
+            return ChampionComparison(decided, champion.version)
+        shared = test["label"].isin(champion.class_names or []).to_numpy()
+        ours = float(candidate_hits(paths)[shared].mean())
+        theirs = float(champion_hits(champion, champion.class_names or [], paths, test[shared]).mean())
+        scope = f"the {int(shared.sum())} test images of the shared classes (gate.on_class_change)"
+    check = at_least(
+        CHAMPION_CHECK,
+        ours - theirs,
+        tolerance,  # change vs champion
+        f"accuracy {ours:.4f} vs champion v{champion.version} {theirs:.4f} on {scope}",
+    )
+    return ChampionComparison(check, champion.version)
 
 
 def run(cfg: PipelineConfig, paths: StagePaths) -> GateResult:
@@ -146,12 +209,21 @@ def run(cfg: PipelineConfig, paths: StagePaths) -> GateResult:
     baseline = read_report(paths.baseline_report, "baseline")
     export = read_report(paths.export_report, "export")
     class_names = read_class_names(paths.classes)
+    checks = threshold_checks(metrics, baseline, export, cfg.gate)
+    comparison = champion_check(metrics["accuracy"], class_names, cfg, paths)
+    checks.append(comparison.check)
+    result = GateResult(checks)
+    report = {
+        "passed": result.passed,
+        "champion_version": comparison.champion_version,  # register refuses when the champion moved since
+        "checks": {c.name: asdict(c) for c in checks},
+    }
+    write_report(report, paths.gate_report)  # first: also when the registry is down, gate.json says why
+    if comparison.registry_error is not None:
+        raise RegistryError(
+            f"gate failed closed ({paths.relative(paths.gate_report)}): {comparison.registry_error}"
+        )
     with tracking.resume_run(cfg.mlflow, paths):
-        checks = threshold_checks(metrics, baseline, export, cfg.gate)
-        checks.append(champion_check(metrics["accuracy"], class_names, cfg, paths))
-        result = GateResult(checks)
-        report = {"passed": result.passed, "checks": {c.name: asdict(c) for c in checks}}
-        write_report(report, paths.gate_report)
         mlflow.log_metrics({f"gate_{c.name}": c.value for c in checks if c.value is not None})
         mlflow.set_tag("gate.passed", str(result.passed))
         mlflow.log_artifact(str(paths.gate_report), "reports")

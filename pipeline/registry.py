@@ -20,7 +20,7 @@ import mlflow
 
 from pipeline import tracking
 from pipeline.config import MlflowConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,38 @@ def _describe(version: Any) -> RegisteredModel:
     )
 
 
-def aliased(model_name: str, alias: str) -> RegisteredModel | None:
-    """The version that carries `alias`, or None when no version does."""
-    from mlflow.exceptions import MlflowException
+def _absent(error: Exception) -> bool:
+    """Whether an MLflow error says the registered model or the alias does not exist (and nothing else).
 
+    The stores answer a missing model with RESOURCE_DOES_NOT_EXIST and a
+    missing alias with INVALID_PARAMETER_VALUE "... alias <a> not found".
+    """
+    code = getattr(error, "error_code", "")
+    message = str(getattr(error, "message", error))
+    if code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    return code == "INVALID_PARAMETER_VALUE" and "alias" in message and "not found" in message
+
+
+def aliased(model_name: str, alias: str) -> RegisteredModel | None:
+    """The version that carries `alias`, or None when the model or the alias does not exist.
+
+    Raises:
+        RegistryError: for every other failure (a server answering 5xx, a timeout, a refused
+            connection), naming the error and the tracking URI: "could not look" is never
+            "there is none", or a gate would promote a candidate it never compared.
+    """
     try:
         return _describe(mlflow.MlflowClient().get_model_version_by_alias(model_name, alias))
-    except MlflowException:
-        return None
+    except Exception as error:  # MlflowException, and requests' errors that MLflow lets through
+        if _absent(error):
+            return None
+        detail = str(getattr(error, "message", error)).splitlines()[0][:300]
+        raise RegistryError(
+            f"the model registry at {mlflow.get_tracking_uri()} could not be read for "
+            f"{model_name}@{alias} ({error.__class__.__name__}: {detail}); fix the tracking server or "
+            "MLFLOW_TRACKING_URI and rerun"
+        ) from None
 
 
 def champion(model_name: str) -> RegisteredModel | None:

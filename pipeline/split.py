@@ -1,11 +1,23 @@
-"""split: stratified train/val/test over duplicate groups, so no image leaks across splits."""
+"""split: stratified train/val/test over duplicate groups, so no image leaks across splits.
+
+Assignment is stable: an image keeps its split for its whole life. The split
+files of the last run (kept by DVC: `persist: true`) are the ledger, keyed by
+each image's sha256; only images not in it are assigned, stratified among
+themselves so that every class's split sizes stay as close to the ratios as
+the kept images allow (within one image per class when nothing was removed).
+A champion is then always compared on test images neither it nor the
+candidate trained on. Changing `split.seed` or `split.ratios` starts a new
+ledger (every image reassigned), and says so.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
@@ -19,6 +31,10 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 SPLIT_COLUMNS = ["path", "label", "sha256", "group"]
+LEDGER = "assignment.json"  # next to the split files: the seed and ratios their assignment used
+# When a new image joins images of several splits into one duplicate group, the group takes the
+# split most of its images had; ties go to the split whose contents matter most for comparisons.
+TIE_ORDER = ("test", "val", "train")
 
 
 @dataclass(frozen=True)
@@ -105,6 +121,86 @@ def assign_splits(frame: pd.DataFrame, cfg: SplitConfig) -> pd.Series:
     return frame["group"].map(side)
 
 
+def previous_assignment(paths: StagePaths, cfg: SplitConfig) -> dict[str, str]:
+    """sha256 -> split from the last run's split files, if they were made with this seed and ratios."""
+    ledger = paths.splits / LEDGER
+    if not ledger.is_file():
+        return {}
+    recorded = json.loads(ledger.read_text(encoding="utf-8"))
+    if recorded != {"seed": cfg.seed, "ratios": cfg.ratios.model_dump()}:
+        log.warning(
+            "split.seed or split.ratios changed (%s -> seed %s, ratios %s): every image is reassigned",
+            recorded,
+            cfg.seed,
+            cfg.ratios.model_dump(),
+        )
+        return {}
+    prior: dict[str, str] = {}
+    for name in SPLITS:
+        file = paths.split_file(name)
+        if file.is_file():
+            rows = pd.read_csv(file, dtype=str, keep_default_na=False)
+            prior.update(dict.fromkeys(rows["sha256"], name))
+    return prior
+
+
+def _targets(total: int, cfg: SplitConfig) -> dict[str, int]:
+    """Split sizes for `total` groups by the ratios, largest remainder first (sum is exact)."""
+    ratios = cfg.ratios.model_dump()
+    raw = {name: ratios[name] * total for name in SPLITS}
+    sizes = {name: int(raw[name]) for name in SPLITS}
+    for name in sorted(SPLITS, key=lambda n: (-(raw[n] - sizes[n]), TIE_ORDER.index(n))):
+        if sum(sizes.values()) >= total:
+            break
+        sizes[name] += 1
+    return sizes
+
+
+def stable_assignment(frame: pd.DataFrame, cfg: SplitConfig, prior: dict[str, str]) -> tuple[pd.Series, dict]:
+    """Keep every known image's split; assign new duplicate groups per class toward the ratios.
+
+    Args:
+        frame: accepted rows with `group`, `label` and `sha256` columns.
+        cfg: the `split` section (its seed orders the new groups).
+        prior: sha256 -> split of the images assigned before.
+
+    Returns:
+        The split of each row (aligned with `frame`), and what happened: new images and where
+        they went, images kept, images moved because a new duplicate joined their group to another.
+    """
+    labels = group_labels(frame)
+    known = frame["sha256"].map(prior)
+    side: dict[int, str] = {}
+    moved = 0
+    for group, splits in known.groupby(frame["group"]):
+        votes = splits.dropna().value_counts()
+        if votes.empty:
+            continue
+        best = sorted(votes.items(), key=lambda kv: (-kv[1], TIE_ORDER.index(kv[0])))[0][0]
+        side[int(group)] = best
+        moved += int((splits.dropna() != best).sum())
+    rng = np.random.default_rng(cfg.seed)
+    first_sha = frame.groupby("group")["sha256"].min()
+    for label in sorted(labels.unique()):
+        groups = labels.index[labels == label]
+        new = sorted((g for g in groups if g not in side), key=lambda g: first_sha[g])
+        counts = {name: sum(1 for g in groups if side.get(g) == name) for name in SPLITS}
+        targets = _targets(len(groups), cfg)
+        for group in (new[i] for i in rng.permutation(len(new))):
+            name = max(SPLITS, key=lambda n: (targets[n] - counts[n], -TIE_ORDER.index(n)))
+            side[int(group)] = name
+            counts[name] += 1
+    assigned = frame["group"].map(side)
+    fresh = known.isna()
+    summary = {
+        "new_images": int(fresh.sum()),
+        "new_images_to": {name: int((assigned[fresh] == name).sum()) for name in SPLITS},
+        "kept_images": int((~fresh).sum()) - moved,
+        "moved_images": moved,
+    }
+    return assigned, summary
+
+
 def build_report(frame: pd.DataFrame, cfg: SplitConfig) -> dict:
     """Counts per class per split, and how many images were held together as duplicates."""
     sizes = frame.groupby("group").size()
@@ -148,12 +244,23 @@ def run(config: PipelineConfig, paths: StagePaths) -> SplitResult:
     if frame.empty:
         raise SplitError(f"{paths.relative(paths.manifest)}: no accepted images to split; run validate first")
     frame["group"] = duplicate_groups(frame, cfg.group_near_duplicates)
-    frame["split"] = assign_splits(frame, cfg)
+    prior = previous_assignment(paths, cfg)
+    if prior:
+        frame["split"], changes = stable_assignment(frame, cfg, prior)
+    else:  # a first split (or a new seed or ratios): stratified over everything
+        frame["split"] = assign_splits(frame, cfg)
+        changes = {
+            "new_images": len(frame),
+            "new_images_to": {name: int((frame["split"] == name).sum()) for name in SPLITS},
+            "kept_images": 0,
+            "moved_images": 0,
+        }
     paths.splits.mkdir(parents=True, exist_ok=True)
     for name in SPLITS:
         rows = frame[frame["split"] == name][SPLIT_COLUMNS]
         rows.to_csv(paths.split_file(name), index=False, lineterminator="\n", encoding="utf-8")
-    report = build_report(frame, cfg)
+    write_report({"seed": cfg.seed, "ratios": cfg.ratios.model_dump()}, paths.splits / LEDGER)
+    report = {**build_report(frame, cfg), **changes}
     write_report(report, paths.split_report)
     log.info("split %s -> %s", report["totals"], paths.relative(paths.splits))
     return SplitResult(counts=report["totals"], report=paths.split_report)

@@ -16,6 +16,7 @@ from typing import Any
 
 import mlflow
 import yaml
+from sqlalchemy.engine import make_url
 
 from pipeline.config import MlflowConfig, PipelineConfig
 from pipeline.errors import PipelineError
@@ -94,8 +95,12 @@ def configure(cfg: MlflowConfig, root: Path) -> str:
         ) from None
 
 
+# Params that may hold a database URL with a password (from the environment); runs record them masked.
+DATABASE_URL_PARAMS = {"tune.storage"}
+
+
 def flat_params(cfg: PipelineConfig) -> dict[str, str]:
-    """Every param as a dotted key, the way params.yaml spells it."""
+    """Every param as a dotted key, the way params.yaml spells it (passwords in database URLs masked)."""
     flat: dict[str, str] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -106,6 +111,9 @@ def flat_params(cfg: PipelineConfig) -> dict[str, str]:
             flat[prefix] = str(value)
 
     walk("", cfg.model_dump(mode="json", by_alias=True))
+    for key in DATABASE_URL_PARAMS & flat.keys():
+        if flat[key] != "None":
+            flat[key] = make_url(flat[key]).render_as_string(hide_password=True)
     return flat
 
 

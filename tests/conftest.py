@@ -86,9 +86,11 @@ def make_config(tmp_path: Path) -> Callable[..., tuple[PipelineConfig, StagePath
     """
     base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
 
-    def build(overrides: dict[str, Any] | None = None) -> tuple[PipelineConfig, StagePaths]:
+    def build(
+        overrides: dict[str, Any] | None = None, root: Path | None = None
+    ) -> tuple[PipelineConfig, StagePaths]:
         cfg = parse_config(merge(yaml.safe_load(yaml.safe_dump(base)), overrides or {}))
-        return cfg, StagePaths.from_config(cfg.paths, tmp_path)
+        return cfg, StagePaths.from_config(cfg.paths, root or tmp_path)
 
     return build
 

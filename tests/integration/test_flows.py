@@ -150,7 +150,7 @@ def test_deployments_register_with_schedules_and_concurrency(tmp_path: Path):
 
     cfg = load_config().orchestration
     deployments = {d.name: d for d in build_deployments(cfg)}
-    assert set(deployments) == {"training", "drift-check"}
+    assert set(deployments) == {"training", "drift-check", "tuning"}
     asyncio.run(ensure_work_pool(cfg.work_pool))
     for deployment in deployments.values():
         deployment.apply(work_pool_name=cfg.work_pool)
@@ -158,6 +158,7 @@ def test_deployments_register_with_schedules_and_concurrency(tmp_path: Path):
     with get_client(sync_client=True) as client:
         training = client.read_deployment_by_name("training/training")
         drift = client.read_deployment_by_name("drift-check/drift-check")
+        tuning = client.read_deployment_by_name("tuning/tuning")
         pool = client.read_work_pool(cfg.work_pool)
     assert [s.schedule.cron for s in training.schedules] == [cfg.training_cron]
     assert [s.schedule.cron for s in drift.schedules] == [cfg.drift_check_cron]
@@ -165,4 +166,6 @@ def test_deployments_register_with_schedules_and_concurrency(tmp_path: Path):
     assert training.concurrency_options.collision_strategy == "ENQUEUE"
     assert training.work_pool_name == drift.work_pool_name == cfg.work_pool and pool.type == "process"
     assert training.entrypoint == "flows/training.py:training_flow"
+    assert tuning.entrypoint == "flows/tuning.py:tuning_flow" and not tuning.schedules  # on demand only
+    assert tuning.work_pool_name == cfg.work_pool and tuning.global_concurrency_limit is None
     assert training.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"]

@@ -1,9 +1,13 @@
+import json
+import shutil
+
 import pandas as pd
 import pytest
 
 from pipeline.config import SplitConfig
 from pipeline.errors import SplitError
 from pipeline.split import assign_splits, duplicate_groups
+from tests.conftest import digit_images, write_tree
 
 
 def frame(n_per_class: int, classes: str = "abc") -> pd.DataFrame:
@@ -71,9 +75,98 @@ def test_split_files_are_byte_identical_across_runs(make_config, small_tree):
     pd.DataFrame(columns=QUARANTINE_COLUMNS).to_csv(paths.quarantine, index=False)
     split.run(cfg, paths)
     first = {n: paths.split_file(n).read_bytes() for n in ("train", "val", "test")}
-    report = paths.split_report.read_bytes()
+    report = json.loads(paths.split_report.read_text())
+    split.run(cfg, paths)  # a rerun keeps the ledger: the same files, no image new
+    assert {n: paths.split_file(n).read_bytes() for n in ("train", "val", "test")} == first
+    again = json.loads(paths.split_report.read_text())
+    assert (report["new_images"], again["new_images"], again["kept_images"]) == (60, 0, 60)
+    changes = ("new_images", "new_images_to", "kept_images")
+    assert {k: v for k, v in again.items() if k not in changes} == {
+        k: v for k, v in report.items() if k not in changes
+    }
+    shutil.rmtree(paths.splits)  # and from scratch, the same bytes again
     split.run(cfg, paths)
     assert {n: paths.split_file(n).read_bytes() for n in ("train", "val", "test")} == first
-    assert paths.split_report.read_bytes() == report
     rows = sum(len(b.splitlines()) - 1 for b in first.values())
     assert rows == 60
+
+
+def test_adding_a_batch_moves_no_image_and_keeps_the_ratios(tmp_path):
+    from pipeline.split import stable_assignment
+
+    first = frame(60)
+    first["group"] = duplicate_groups(first, True)
+    first["split"] = assign_splits(first, SplitConfig())
+    prior = dict(zip(first["sha256"], first["split"], strict=True))
+    batch = frame(90)  # 30 new images per class, after the 60 known ones
+    batch["group"] = duplicate_groups(batch, True)
+    sides, summary = stable_assignment(batch, SplitConfig(), prior)
+    known = batch["sha256"].isin(prior)
+    assert (sides[known] == batch.loc[known, "sha256"].map(prior)).all()  # nobody moved
+    assert summary["new_images"] == 90 and summary["moved_images"] == 0 and summary["kept_images"] == 180
+    assert sum(summary["new_images_to"].values()) == 90
+    for label in "abc":
+        counts = sides[batch["label"] == label].value_counts()
+        for name, ratio in (("train", 0.7), ("val", 0.2), ("test", 0.1)):
+            assert abs(counts[name] - ratio * 90) <= 1, (label, name, counts.to_dict())
+
+
+def test_a_new_duplicate_joins_its_group_and_groups_never_cross_splits():
+    from pipeline.split import stable_assignment
+
+    first = frame(40)
+    first["group"] = duplicate_groups(first, True)
+    first["split"] = assign_splits(first, SplitConfig())
+    prior = dict(zip(first["sha256"], first["split"], strict=True))
+    test_image = first[first["split"] == "test"].iloc[0]
+    twin = pd.DataFrame(  # a near-duplicate of a test image arrives later
+        [{"path": "z/twin.png", "label": test_image["label"], "sha256": "new", "phash": test_image["phash"]}]
+    )
+    grown = pd.concat([first.drop(columns=["group", "split"]), twin], ignore_index=True)
+    grown["group"] = duplicate_groups(grown, True)
+    sides, summary = stable_assignment(grown, SplitConfig(), prior)
+    assert sides[grown["sha256"] == "new"].item() == "test"
+    assert (pd.DataFrame({"g": grown["group"], "s": sides}).groupby("g")["s"].nunique() == 1).all()
+    assert summary["new_images_to"]["test"] == 1 and summary["moved_images"] == 0
+
+
+def test_the_same_images_in_another_order_get_the_same_splits():
+    from pipeline.split import stable_assignment
+
+    first = frame(40)
+    first["group"] = duplicate_groups(first, True)
+    prior = dict(zip(first["sha256"], assign_splits(first, SplitConfig()), strict=True))
+    batch = frame(70)
+    shuffled = batch.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    results = []
+    for rows in (batch, shuffled):
+        rows = rows.copy()
+        rows["group"] = duplicate_groups(rows, True)
+        sides, _ = stable_assignment(rows, SplitConfig(), prior)
+        results.append(dict(zip(rows["sha256"], sides, strict=True)))
+    assert results[0] == results[1]
+
+
+def test_split_runs_keep_the_ledger_and_a_new_seed_starts_over(make_config, small_tree):
+    from pipeline import ingest, split, validate
+    from pipeline.artifacts import read_split
+
+    cfg, paths = make_config({"ingest": {"source": "folder", "folder": {"path": str(small_tree)}}})
+    ingest.run(cfg, paths)
+    validate.run(cfg, paths)
+    split.run(cfg, paths)
+    before = {n: set(read_split(paths, n)["sha256"]) for n in ("train", "val", "test")}
+    extra = digit_images(per_class=30)  # 10 more of each class than the source holds
+    write_tree(small_tree, {label: images[20:] for label, images in extra.items()}, suffix="_new.png")
+    ingest.run(cfg, paths)
+    validate.run(cfg, paths)
+    split.run(cfg, paths)
+    after = {n: set(read_split(paths, n)["sha256"]) for n in ("train", "val", "test")}
+    assert all(before[n] <= after[n] for n in before)  # every image kept its split
+    report = json.loads(paths.split_report.read_text())
+    assert report["new_images"] == 30 and report["kept_images"] == 60 and report["moved_images"] == 0
+    reseeded, _ = make_config(
+        {"ingest": {"source": "folder", "folder": {"path": str(small_tree)}}, "split": {"seed": 7}}
+    )
+    split.run(reseeded, paths)
+    assert json.loads(paths.split_report.read_text())["new_images"] == 90
