@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from pipeline.artifacts import load_trained_model  # noqa: E402
+from pipeline.artifacts import input_size, load_trained_model  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.monitoring import check as monitor  # noqa: E402
 from pipeline.monitoring import report as drift_report  # noqa: E402
@@ -55,6 +55,7 @@ def main() -> None:
     if not paths.keras_model.is_file():
         raise SystemExit(f"{paths.keras_model} not found: run `make run` first")
     model, class_names = load_trained_model(paths)
+    pixels = input_size(model)  # what train.image_size (auto) decided
     pool = sorted(paths.raw.rglob("*.png"))
     rng = np.random.default_rng(0)
     chosen = [pool[i] for i in rng.choice(len(pool), args.reference, replace=True)]
@@ -64,7 +65,7 @@ def main() -> None:
         [p.parent.name for p in chosen],
         model,
         class_names,
-        cfg.train.image_size,
+        pixels,
         cfg.drift.embeddings.dim,
         1.0,
     )
@@ -72,7 +73,7 @@ def main() -> None:
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs ({platform.platform()})")
     print(
-        f"model: {cfg.train.model} ({cfg.train.image_size}x{cfg.train.image_size}), reference: "
+        f"model: {cfg.train.model} ({pixels}x{pixels}), reference: "
         f"{args.reference} images (built in {build_seconds:.1f} s), MMD permutations: "
         f"{cfg.drift.embeddings.permutations}, max_reference: {cfg.drift.embeddings.max_reference}, "
         f"repeats: {args.repeats}\n"
@@ -92,7 +93,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 keep, labels, _ = monitor.decodable_files(batch, cfg.ingest.max_pixels)
                 profile = monitor.profile_files(
-                    keep, labels, model, class_names, cfg.train.image_size, reference.projection
+                    keep, labels, model, class_names, pixels, reference.projection
                 )
                 t1 = time.perf_counter()
                 found = monitor.detect(reference, profile, cfg.drift)

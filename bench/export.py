@@ -161,13 +161,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from pipeline.artifacts import image_files, load_trained_model, read_split
+    from pipeline.artifacts import image_files, input_size, load_trained_model, read_split
     from pipeline.export import convert_tflite
     from pipeline.images import load_files
 
     info = machine()
     model, names = load_trained_model(paths)
-    size = cfg.train.image_size
+    size = input_size(model)  # what train.image_size (auto) decided
     test, train = read_split(paths, "test"), read_split(paths, "train")
     if test.empty:
         print(f"error: {paths.split_file('test')} has no rows", file=sys.stderr)

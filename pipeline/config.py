@@ -360,7 +360,7 @@ FloatRange = tuple[float, float]  # [low, high] of a searched float; low == high
 
 
 class TuneSpace(Section):
-    """The search space of `make tune` (pipeline/tune.py); null leaves a knob at its params.yaml value.
+    """The search space of `make tune` (pipeline/tune/); null leaves a knob at its params.yaml value.
 
     learning_rate is the head's learning rate for transfer models, whose base is searched through
     fine_tune_learning_rate; width applies to small_cnn only.
@@ -420,7 +420,7 @@ def _train_with(knob: str, value: float) -> TrainConfig:
 
 
 class TuneConfig(Section):
-    """Hyperparameter search over the train recipe (pipeline/tune.py, `make tune`)."""
+    """Hyperparameter search over the train recipe (pipeline/tune/, `make tune`)."""
 
     study_name: str = Field("image-classifier-tuning", min_length=1)
     trials: int = Field(20, ge=1)  # finished (complete + pruned) trials the study reaches, over all processes

@@ -97,7 +97,7 @@ def policy_note(check: GateCheck) -> GateCheck:
         return check
     note = (
         f"; {check.threshold} is a policy value (gate.{check.name} in params.yaml), not a property of "
-        "the data: set it to what your use needs (README: Using your own images)"
+        "the data: set it to what your use needs (README: Point it at your own images)"
     )
     return dataclasses.replace(check, detail=check.detail + note)
 
@@ -184,16 +184,29 @@ def champion_check(accuracy: float, class_names: list[str], cfg: PipelineConfig,
         return ChampionComparison(GateCheck(CHAMPION_CHECK, None, tolerance, "skipped", detail), None)
     test = read_split(paths, "test")
     if champion.class_names == class_names:
-        ours, theirs = accuracy, float(champion_hits(champion, class_names, paths, test).mean())
+        ours, rows, names = accuracy, test, class_names
         scope = "this test split"
     else:
         decided = class_change(class_names, champion, cfg.gate.on_class_change, tolerance)
         if decided is not None:
             return ChampionComparison(decided, champion.version)
         shared = test["label"].isin(champion.class_names or []).to_numpy()
-        ours = float(candidate_hits(paths)[shared].mean())
-        theirs = float(champion_hits(champion, champion.class_names or [], paths, test[shared]).mean())
+        ours, rows, names = (
+            float(candidate_hits(paths)[shared].mean()),
+            test[shared],
+            champion.class_names or [],
+        )
         scope = f"the {int(shared.sum())} test images of the shared classes (gate.on_class_change)"
+    try:
+        theirs = float(champion_hits(champion, names, paths, rows).mean())
+    except Exception as error:  # the champion's model could not be downloaded or loaded
+        detail = (
+            f"champion v{champion.version} could not be loaded from {champion.uri} "
+            f"({error.__class__.__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}), "
+            "so the candidate was not compared"
+        )
+        failed = GateCheck(CHAMPION_CHECK, None, tolerance, "failed", detail)
+        return ChampionComparison(failed, champion.version, detail)
     check = at_least(
         CHAMPION_CHECK,
         ours - theirs,

@@ -124,24 +124,35 @@ def assign_splits(frame: pd.DataFrame, cfg: SplitConfig) -> pd.Series:
 def previous_assignment(paths: StagePaths, cfg: SplitConfig) -> dict[str, str]:
     """sha256 -> split from the last run's split files, if they were made with this seed and ratios."""
     ledger = paths.splits / LEDGER
-    if not ledger.is_file():
-        return {}
-    recorded = json.loads(ledger.read_text(encoding="utf-8"))
-    if recorded != {"seed": cfg.seed, "ratios": cfg.ratios.model_dump()}:
+    existing = [paths.split_file(name) for name in SPLITS if paths.split_file(name).is_file()]
+    if not existing:
+        return {}  # a first split; after a fresh clone, `dvc pull` restores the ledger first
+    if not ledger.is_file():  # split files from before the ledger: adopt them rather than reshuffle
         log.warning(
-            "split.seed or split.ratios changed (%s -> seed %s, ratios %s): every image is reassigned",
-            recorded,
-            cfg.seed,
-            cfg.ratios.model_dump(),
+            "%s has split files but no %s: keeping their assignment as if made with this seed and ratios",
+            paths.relative(paths.splits),
+            LEDGER,
+        )
+    elif json.loads(ledger.read_text(encoding="utf-8")) != ledger_entry(cfg):
+        recorded = json.loads(ledger.read_text(encoding="utf-8"))
+        log.warning(
+            "split settings changed (%s -> %s): every image is reassigned", recorded, ledger_entry(cfg)
         )
         return {}
     prior: dict[str, str] = {}
-    for name in SPLITS:
-        file = paths.split_file(name)
-        if file.is_file():
-            rows = pd.read_csv(file, dtype=str, keep_default_na=False)
-            prior.update(dict.fromkeys(rows["sha256"], name))
+    for file in existing:
+        rows = pd.read_csv(file, dtype=str, keep_default_na=False)
+        prior.update(dict.fromkeys(rows["sha256"], file.stem))
     return prior
+
+
+def ledger_entry(cfg: SplitConfig) -> dict:
+    """The settings an assignment depends on; a change to any of them starts a new ledger."""
+    return {
+        "seed": cfg.seed,
+        "ratios": cfg.ratios.model_dump(),
+        "group_near_duplicates": cfg.group_near_duplicates,
+    }
 
 
 def _targets(total: int, cfg: SplitConfig) -> dict[str, int]:
@@ -169,6 +180,9 @@ def stable_assignment(frame: pd.DataFrame, cfg: SplitConfig, prior: dict[str, st
         they went, images kept, images moved because a new duplicate joined their group to another.
     """
     labels = group_labels(frame)
+    check_stratifiable(
+        labels, cfg
+    )  # a new class needs as many groups as there are splits, as on a first split
     known = frame["sha256"].map(prior)
     side: dict[int, str] = {}
     moved = 0
@@ -259,7 +273,7 @@ def run(config: PipelineConfig, paths: StagePaths) -> SplitResult:
     for name in SPLITS:
         rows = frame[frame["split"] == name][SPLIT_COLUMNS]
         rows.to_csv(paths.split_file(name), index=False, lineterminator="\n", encoding="utf-8")
-    write_report({"seed": cfg.seed, "ratios": cfg.ratios.model_dump()}, paths.splits / LEDGER)
+    write_report(ledger_entry(cfg), paths.splits / LEDGER)
     report = {**build_report(frame, cfg), **changes}
     write_report(report, paths.split_report)
     log.info("split %s -> %s", report["totals"], paths.relative(paths.splits))

@@ -274,7 +274,7 @@ def fit_candidate(
 ) -> Candidate:
     """Train on the train split and validate on val, as the train stage does, without its outputs.
 
-    For tuning (pipeline/tune.py): checkpoints, resume state and CSV history go
+    For tuning (pipeline/tune/): checkpoints, resume state and CSV history go
     under `workdir`; per-epoch metrics go to the active MLflow run (the trial's
     nested run), and `callbacks` (a pruning callback) see every epoch's logs.
     """

@@ -165,6 +165,11 @@ def test_split_runs_keep_the_ledger_and_a_new_seed_starts_over(make_config, smal
     assert all(before[n] <= after[n] for n in before)  # every image kept its split
     report = json.loads(paths.split_report.read_text())
     assert report["new_images"] == 30 and report["kept_images"] == 60 and report["moved_images"] == 0
+    (paths.splits / "assignment.json").unlink()  # split files from before the ledger are adopted
+    split.run(cfg, paths)
+    adopted = json.loads(paths.split_report.read_text())
+    assert (adopted["new_images"], adopted["kept_images"]) == (0, 90)
+    assert {n: set(read_split(paths, n)["sha256"]) for n in ("train", "val", "test")} == after
     reseeded, _ = make_config(
         {"ingest": {"source": "folder", "folder": {"path": str(small_tree)}}, "split": {"seed": 7}}
     )
