@@ -46,6 +46,7 @@ def run(cfg: PipelineConfig, paths: StagePaths) -> ReferenceProfile:
         input_size(model),
         cfg.drift.embeddings.dim,
         float(metrics["accuracy"]),
+        int(metrics["test_images"]),
     )
     reference.save(paths.reference)
     with tracking.resume_run(cfg.mlflow, paths):

@@ -89,7 +89,9 @@ def _true_labels(reference: ReferenceProfile, batch: BatchProfile, cfg: DriftCon
 def _accuracy(reference: ReferenceProfile, batch: BatchProfile, cfg: DriftConfig, alpha: float):
     assert batch.labels is not None  # labelled detectors only
     correct = np.array([p == t for p, t in zip(batch.predicted, batch.labels, strict=True)])
-    return detectors.accuracy_test("accuracy", correct, reference.test_accuracy, alpha, cfg.accuracy.min_drop)
+    return detectors.accuracy_test(
+        "accuracy", correct, reference.test_accuracy, alpha, cfg.accuracy.min_drop, reference.test_images
+    )
 
 
 # name (also its section of the `drift` config) -> (needs labels, detector); in report order.

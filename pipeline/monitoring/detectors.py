@@ -190,15 +190,30 @@ def label_shift_test(
 
 
 def accuracy_test(
-    name: str, correct: np.ndarray, reference_accuracy: float, alpha: float, min_drop: float
+    name: str,
+    correct: np.ndarray,
+    reference_accuracy: float,
+    alpha: float,
+    min_drop: float,
+    reference_images: int | None = None,
 ) -> DetectorResult:
-    """One-sided exact binomial test: is the batch accuracy below the model's test accuracy?
+    """One-sided exact test: is the batch accuracy below the model's test accuracy?
 
-    A significant drop smaller than `min_drop` is reported but is not drift.
+    With the test split's size (`reference_images`), Fisher's exact test of
+    the two proportions: the test accuracy is itself an estimate, and on a
+    small test split at 1.0 a binomial test against it as if exact would call
+    a single miss significant. Without it (references from before it was
+    recorded), the exact binomial test against the test accuracy. A
+    significant drop smaller than `min_drop` is reported but is not drift.
     """
     hits, total = int(np.count_nonzero(correct)), len(correct)
     accuracy = hits / total
-    p_value = float(stats.binomtest(hits, total, min(reference_accuracy, 1.0), alternative="less").pvalue)
+    if reference_images:
+        reference_hits = int(round(min(reference_accuracy, 1.0) * reference_images))
+        table = [[hits, total - hits], [reference_hits, reference_images - reference_hits]]
+        p_value = float(stats.fisher_exact(table, alternative="less").pvalue)
+    else:
+        p_value = float(stats.binomtest(hits, total, min(reference_accuracy, 1.0), alternative="less").pvalue)
     drop = reference_accuracy - accuracy
     return DetectorResult(
         name=name,

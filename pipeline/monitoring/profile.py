@@ -123,6 +123,7 @@ class ReferenceProfile:
     class_names: list[str]
     image_size: int
     test_accuracy: float
+    test_images: int | None = None  # the size of the test split test_accuracy was measured on
 
     def save(self, folder: Path) -> None:
         """`profile.npz` (arrays) and `profile.json` (names, sizes, accuracy) under `folder`."""
@@ -140,6 +141,7 @@ class ReferenceProfile:
             "class_names": self.class_names,
             "image_size": self.image_size,
             "test_accuracy": self.test_accuracy,
+            "test_images": self.test_images,
             "predicted": self.profile.predicted,
             "labels": self.profile.labels,
             "images": len(self.profile.predicted),
@@ -163,6 +165,7 @@ class ReferenceProfile:
             class_names=meta["class_names"],
             image_size=int(meta["image_size"]),
             test_accuracy=float(meta["test_accuracy"]),
+            test_images=meta.get("test_images"),
         )
 
 
@@ -174,9 +177,10 @@ def build_reference(
     image_size: int,
     dim: int,
     test_accuracy: float,
+    test_images: int | None = None,
 ) -> ReferenceProfile:
     """Profile held-out images and fit the embedding projection on them."""
     embeddings, _ = model_outputs(model, load_files(files, image_size))
     projection = Projection.fit(embeddings, dim)
     profile = profile_files(files, labels, model, class_names, image_size, projection)
-    return ReferenceProfile(profile, projection, list(class_names), image_size, test_accuracy)
+    return ReferenceProfile(profile, projection, list(class_names), image_size, test_accuracy, test_images)

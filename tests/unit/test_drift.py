@@ -115,3 +115,13 @@ def test_an_old_champion_is_retrained_without_drift():
 def test_no_drift_and_a_fresh_champion_means_no_training():
     decision = retrain_decision(0, NOW - timedelta(days=3), None, NOW, CFG)
     assert not decision.retrain and not decision.deferred
+
+
+def test_accuracy_test_allows_for_a_small_test_split_measured_at_one():
+    # 24/24 on the test split is an estimate, not a certainty: two misses in 24 are not drift...
+    two_misses = np.array([True] * 22 + [False] * 2)
+    assert not drift.accuracy_test("acc", two_misses, 1.0, 0.01, 0.05, reference_images=24).drift
+    assert drift.accuracy_test("acc", two_misses, 1.0, 0.01, 0.05).drift  # as the exact-reference test had it
+    # ...while half the batch wrong is, even against so small a test split.
+    half = np.array([True] * 12 + [False] * 12)
+    assert drift.accuracy_test("acc", half, 1.0, 0.01, 0.05, reference_images=24).drift
