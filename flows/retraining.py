@@ -34,8 +34,8 @@ from flows.locks import file_lock
 from flows.training import PROJECT_ROOT, training_flow, transient_only
 from pipeline import s3
 from pipeline.artifacts import read_report
-from pipeline.config import PipelineConfig, load_config, parse_config, with_overrides
-from pipeline.errors import ConfigError, GateFailed, PipelineError
+from pipeline.config import PipelineConfig, load_with_section_overrides
+from pipeline.errors import GateFailed, PipelineError
 from pipeline.logs import quiet_libraries
 from pipeline.monitoring import check, landing, policy
 from pipeline.monitoring import report as drift_report
@@ -45,22 +45,6 @@ from pipeline.paths import StagePaths
 def artifact_key(text: str) -> str:
     """A Prefect artifact key (lowercase letters, digits and dashes)."""
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-") or "batch"
-
-
-def drift_config(project: Path, overrides: dict[str, Any] | None) -> PipelineConfig:
-    """params.yaml with in-memory overrides for this check only (params.yaml is not changed).
-
-    Raises:
-        ConfigError: when an override is not a `drift.` key or fails validation.
-    """
-    params = project / "params.yaml"
-    cfg = load_config(params, project)
-    if not overrides:
-        return cfg
-    outside = [key for key in overrides if not key.startswith("drift.")]
-    if outside:
-        raise ConfigError(f"drift-check overrides may only set drift.* keys, not {outside}")
-    return parse_config(with_overrides(cfg.model_dump(by_alias=True, mode="json"), overrides), params)
 
 
 @task(retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=transient_only, cache_policy=NONE)
@@ -167,7 +151,7 @@ def drift_check_flow(
     project = Path(root).resolve() if root else PROJECT_ROOT
     if settle_seconds is not None:
         overrides = {**(overrides or {}), "drift.settle_seconds": settle_seconds}
-    cfg = drift_config(project, overrides)
+    cfg = load_with_section_overrides(project, overrides, "drift", "drift-check")
     paths = StagePaths.from_config(cfg.paths, project)
     landing_dir, archive = paths.resolve(cfg.drift.landing), paths.resolve(cfg.drift.archive)
     summary: dict[str, Any] = {"status": "checked", "batches": {}}

@@ -21,25 +21,9 @@ from prefect.cache_policies import NONE
 import pipeline.logs  # noqa: F401, I001  (first: TensorFlow's log threshold is read when it loads)
 from flows import artifacts
 from flows.training import PROJECT_ROOT, publish_run_link, transient_only
-from pipeline.config import PipelineConfig, load_config, parse_config, with_overrides
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.config import PipelineConfig, load_with_section_overrides
+from pipeline.errors import PipelineError
 from pipeline.paths import StagePaths
-
-
-def tuning_config(project: Path, overrides: dict[str, Any] | None) -> PipelineConfig:
-    """params.yaml with in-memory `tune.*` overrides for this run only (params.yaml is not changed).
-
-    Raises:
-        ConfigError: when an override is not a `tune.` key or fails validation.
-    """
-    params = project / "params.yaml"
-    cfg = load_config(params, project)
-    if not overrides:
-        return cfg
-    outside = [key for key in overrides if not key.startswith("tune.")]
-    if outside:
-        raise ConfigError(f"tuning overrides may only set tune.* keys, not {outside}")
-    return parse_config(with_overrides(cfg.model_dump(by_alias=True, mode="json"), overrides), params)
 
 
 # A retry joins the same study and continues it; a pipeline error (missing splits) is not retried.
@@ -64,7 +48,7 @@ def tuning_flow(root: str | None = None, overrides: dict[str, Any] | None = None
     """
     pipeline.logs.quiet_libraries()
     project = Path(root).resolve() if root else PROJECT_ROOT
-    cfg = tuning_config(project, overrides)
+    cfg = load_with_section_overrides(project, overrides, "tune", "tuning")
     paths = StagePaths.from_config(cfg.paths, project)
     report = tune(cfg, paths, project / "params.yaml")
     create_markdown_artifact(artifacts.tuning_markdown(report), key="tuning-best")

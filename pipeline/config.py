@@ -623,3 +623,27 @@ def load_config(path: Path = DEFAULT_PARAMS, root: Path | None = None) -> Pipeli
     cfg = parse_config(raw, path)
     check_sources_exist(cfg, root if root is not None else path.resolve().parent, path)
     return cfg
+
+
+def load_with_section_overrides(
+    project: Path, overrides: Mapping[str, Any] | None, section: str, purpose: str
+) -> PipelineConfig:
+    """params.yaml with in-memory overrides of one section, for one run only (the file is not changed).
+
+    Args:
+        project: the project root holding params.yaml.
+        overrides: dotted keys, all under `section` (e.g. {"drift.cooldown_hours": 0}).
+        section: the only params section the overrides may touch.
+        purpose: what the overrides are for, named in the error ("drift-check", "tuning").
+
+    Raises:
+        ConfigError: when an override is outside `section` or fails validation.
+    """
+    params = project / "params.yaml"
+    cfg = load_config(params, project)
+    if not overrides:
+        return cfg
+    outside = [key for key in overrides if not key.startswith(f"{section}.")]
+    if outside:
+        raise ConfigError(f"{purpose} overrides may only set {section}.* keys, not {outside}")
+    return parse_config(with_overrides(cfg.model_dump(by_alias=True, mode="json"), overrides), params)

@@ -136,3 +136,18 @@ def test_environment_overrides_apply_when_params_are_parsed(monkeypatch: pytest.
         ConfigError, match=r"storage\.dvc_remote: PIPELINE_DVC_REMOTE_URL: 'bucket/dvc' is not"
     ):
         parse_config(params())
+
+
+def test_section_overrides_apply_in_memory_and_stay_in_their_section(tmp_path):
+    import shutil
+
+    from pipeline.config import load_with_section_overrides
+    from tests.conftest import REPO_ROOT
+
+    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    before = (tmp_path / "params.yaml").read_bytes()
+    cfg = load_with_section_overrides(tmp_path, {"drift.cooldown_hours": 0}, "drift", "drift-check")
+    assert cfg.drift.cooldown_hours == 0 and (tmp_path / "params.yaml").read_bytes() == before
+    outside = r"tuning overrides may only set tune\.\* keys, not \['train.epochs'\]"
+    with pytest.raises(ConfigError, match=outside):
+        load_with_section_overrides(tmp_path, {"train.epochs": 1}, "tune", "tuning")
