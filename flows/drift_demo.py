@@ -21,6 +21,8 @@ from pipeline.paths import StagePaths
 
 def main() -> None:
     """Write the batch, check it (cooldown off for the demo), print what happened."""
+    from flows.server import temporary_server  # Prefect's server code loads for this entry point only
+
     cfg = load_config(PROJECT_ROOT / "params.yaml", PROJECT_ROOT)
     paths = StagePaths.from_config(cfg.paths, PROJECT_ROOT)
     test = read_split(paths, "test")
@@ -33,7 +35,8 @@ def main() -> None:
         seed=0,
     )
     print(f"landed {len(test)} labelled images, brightness +0.3, at {batch.relative_to(PROJECT_ROOT)}")
-    summary = drift_check_flow(settle_seconds=0, overrides={"drift.cooldown_hours": 0})
+    with temporary_server():  # when no Prefect server is configured; it ends with this process
+        summary = drift_check_flow(settle_seconds=0, overrides={"drift.cooldown_hours": 0})
     report = read_report(report_files(paths.drift_reports, name)[0], "drift-check")
     print(f"\ndrift check of {name}: {'DRIFT' if report['drift'] else 'no drift'}")
     for detector in report["detectors"]:

@@ -202,8 +202,11 @@ def drift_check_flow(
 
 def main() -> None:
     """`python -m flows.retraining`: one drift check of the landing area, now."""
+    from flows.server import temporary_server  # Prefect's server code loads for this entry point only
+
     try:
-        summary = drift_check_flow()
+        with temporary_server():  # when no Prefect server is configured; it ends with this process
+            summary = drift_check_flow()
     except PipelineError as error:
         raise SystemExit(f"error: {error}") from None
     print(json.dumps(summary, indent=2))

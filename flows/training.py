@@ -237,8 +237,11 @@ def run_stages(project: Path, force: list[str], outcome: dict[str, str]) -> None
 
 def main() -> None:
     """`python -m flows.training`: run the flow once and say where to look."""
+    from flows.server import temporary_server  # Prefect's server code loads for this entry point only
+
     try:
-        outcome = training_flow()
+        with temporary_server():  # when no Prefect server is configured; it ends with this process
+            outcome = training_flow()
     except PipelineError as error:
         raise SystemExit(f"error: {error}") from None
     ran = [stage for stage, state in outcome.items() if state == "ran"]

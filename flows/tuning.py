@@ -59,8 +59,11 @@ def tuning_flow(root: str | None = None, overrides: dict[str, Any] | None = None
 
 def main() -> None:
     """`python -m flows.tuning`: one tuning run of this project, now."""
+    from flows.server import temporary_server  # Prefect's server code loads for this entry point only
+
     try:
-        report = tuning_flow()
+        with temporary_server():  # when no Prefect server is configured; it ends with this process
+            report = tuning_flow()
     except PipelineError as error:
         raise SystemExit(f"error: {error}") from None
     print(json.dumps(report, indent=2))

@@ -3,7 +3,8 @@
 Each worker is `python -m pipeline train` with its own TF_CONFIG (a cluster of
 N workers on 127.0.0.1, worker 0 the chief), exactly what a TFJob gives the
 pods of a cluster job. The launcher streams their logs, stops them all if one
-fails, and checks that they finished with identical weights.
+fails, and checks that they finished with identical weights; if the launcher
+itself is killed, the workers end too (pipeline/children.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline import children
 from pipeline.errors import ConfigError, PipelineError
 
 DIGEST = re.compile(r"final weights sha256 ([0-9a-f]{64}) \((\S+)\)")
@@ -73,7 +75,7 @@ def launch(params: Path, workers: int, distribution: str) -> dict[str, str]:
     processes, pumps = [], []
     for index, config in enumerate(worker_configs(workers, free_ports(workers))):
         env = {**os.environ, "TF_CONFIG": config}
-        process = subprocess.Popen(
+        process = children.start(  # a killed launcher takes its workers with it
             [sys.executable, "-m", "pipeline", "train", "--params", str(params)],
             env=env,
             stdout=subprocess.PIPE,
