@@ -336,10 +336,12 @@ def test_every_variable_set_for_a_server_is_read_by_its_script_or_its_tool():
 
 
 def test_servers_listen_on_all_interfaces_on_the_ports_that_are_exposed():
+    checked = []
     for container in all_containers():
         (script,) = container.command
         if script not in HEALTH_PATHS:
             continue
+        checked.append(script)
         host, port = effective(container, script, "--host"), effective(container, script, "--port")
         assert host == "0.0.0.0", f"{container.where}: {option_variable(script, '--host')} must be 0.0.0.0"
         assert container.ports == {int(port)}, (
@@ -351,6 +353,8 @@ def test_servers_listen_on_all_interfaces_on_the_ports_that_are_exposed():
             assert (parts.port, parts.path) == (int(port), HEALTH_PATHS[script]), (
                 f"{container.where}: health check {url}, expected port {port} path {HEALTH_PATHS[script]}"
             )
+    # each server with a health path, once in compose and once in Kubernetes
+    assert sorted(checked) == sorted(2 * list(HEALTH_PATHS)), checked
 
 
 def test_the_worker_reaches_mlflow_and_prefect_by_service_name_and_port():
@@ -441,15 +445,18 @@ def test_tool_variables_are_settings_of_the_installed_tools():
                 collect(child)
 
     collect(Settings.model_json_schema())
+    checked = 0
     for container in all_containers():
         (script,) = container.command
         for name in container.env:
             if script_reads(script, name) or name in PIPELINE_ENV or name in code_text():
                 continue
+            checked += name.startswith(("MLFLOW_", "PREFECT_"))
             if name.startswith("MLFLOW_"):
                 assert name in mlflow_names, f"{container.where}: {name} is no MLflow setting"
             if name.startswith("PREFECT_"):
                 assert name in prefect_names, f"{container.where}: {name} is no Prefect setting"
+    assert checked, "no MLFLOW_ or PREFECT_ variable was left to check against the installed tools"
 
 
 # ---- compose only ------------------------------------------------------------------------------

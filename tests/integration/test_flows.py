@@ -16,7 +16,7 @@ from flows.deployments import build_deployments
 from flows.training import training_flow
 from pipeline.config import load_config
 from pipeline.errors import DataValidationError
-from tests.conftest import FAST_RECIPE, NO_AUGMENT, copy_project, digit_images, sh, write_tree
+from tests.conftest import FAST_RECIPE, NO_AUGMENT, REPO_ROOT, copy_project, digit_images, sh, write_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -168,4 +168,5 @@ def test_deployments_register_with_schedules_and_concurrency(tmp_path: Path):
     assert training.entrypoint == "flows/training.py:training_flow"
     assert tuning.entrypoint == "flows/tuning.py:tuning_flow" and not tuning.schedules  # on demand only
     assert tuning.work_pool_name == cfg.work_pool and tuning.global_concurrency_limit is None
-    assert training.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"]
+    step = training.pull_steps[0]["prefect.deployments.steps.set_working_directory"]
+    assert Path(step["directory"]).resolve() == REPO_ROOT  # the worker runs this checkout

@@ -25,8 +25,11 @@ def test_training_twice_gives_identical_weights(tmp_path, make_config):
     validate.run(cfg, paths)
     split.run(cfg, paths)
 
-    weights = []
+    results, weights = [], []
     for _ in range(2):
-        train.run(cfg, paths)
+        results.append(train.run(cfg, paths))
         weights.append(keras.models.load_model(paths.keras_model).get_weights())
-    assert all(np.array_equal(a, b) for a, b in zip(*weights, strict=True))
+    # Both trained from scratch in runs of their own: a second run resumed from the first's backup
+    # would reload the first's weights and match them trivially.
+    assert not any(result.resumed for result in results) and results[0].run_id != results[1].run_id
+    assert weights[0] and all(np.array_equal(a, b) for a, b in zip(*weights, strict=True))

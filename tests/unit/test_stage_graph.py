@@ -252,6 +252,7 @@ def test_dvc_deps_cover_imported_modules(name: str) -> None:
 
 def test_no_stale_code_deps() -> None:
     problems: list[str] = []
+    compared = 0
     for name, stage in dvc_stages().items():
         module = STAGE_MODULES.get(name)
         if module is None or module_file(module) is None:
@@ -261,9 +262,11 @@ def test_no_stale_code_deps() -> None:
         for dep in stage.deps:
             if not contains(TOP_PACKAGE, dep):
                 continue
+            compared += 1
             if not any(contains(dep, file) for file in files):
                 exists = "" if (REPO_ROOT / dep).exists() else " (and it does not exist)"
                 problems.append(f"stage '{name}': dep '{dep}' is code the stage does not import{exists}")
+    assert compared, f"no dvc.yaml dep lies under {TOP_PACKAGE}/: nothing was compared"
     assert not problems, (
         "dvc.yaml lists code deps that the stage never imports, so changing them reruns it needlessly; "
         "remove them from the stage's deps:\n" + "\n".join(problems)
