@@ -66,7 +66,8 @@ def choose_strategy(cfg: TrainConfig) -> tf.distribute.Strategy:
     """The tf.distribute strategy for `train.distribution`.
 
     `auto`: MultiWorkerMirroredStrategy when TF_CONFIG names several tasks,
-    MirroredStrategy over all GPUs when there are several, else one device.
+    MirroredStrategy over all GPUs when there are several, else one device
+    (`one_device`: TensorFlow's default strategy on the first GPU or the CPU).
     `mirrored` without GPUs mirrors over the logical CPU devices (how the
     tests run it on CPU).
 
@@ -89,11 +90,13 @@ def choose_strategy(cfg: TrainConfig) -> tf.distribute.Strategy:
                 "use `python -m pipeline train --workers N` locally, or a TFJob (infra/k8s/)"
             )
         return tf.distribute.MultiWorkerMirroredStrategy()
-    logical = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-    devices = [device.name for device in logical]
     if choice == "mirrored":
-        return tf.distribute.MirroredStrategy(devices=devices)
-    return tf.distribute.OneDeviceStrategy(devices[0])
+        logical = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy(devices=[device.name for device in logical])
+    # One device: TensorFlow's default strategy (the first GPU, else the CPU). OneDeviceStrategy
+    # does the same work through distributed iterators that cost about a sixth of a small
+    # training run on the CPU (profiled: 7 s of 44 for 600 steps) and buy nothing on one device.
+    return tf.distribute.get_strategy()
 
 
 def scaled_learning_rate(learning_rate: float, replicas: int, rule: str) -> float:
@@ -153,6 +156,8 @@ class Distribution:
         for public in ("MultiWorkerMirroredStrategy", "MirroredStrategy", "OneDeviceStrategy"):
             if isinstance(self.strategy, getattr(tf.distribute, public)):
                 return public
+        if type(self.strategy).__name__ == "_DefaultDistributionStrategy":
+            return "DefaultStrategy"  # one device, no distribution wrapper (tf.distribute.get_strategy())
         return type(self.strategy).__name__
 
     @property

@@ -39,7 +39,7 @@ def land(root: Path, name: str, shift, labelled: bool = True) -> Path:
     return write_batch(files, labels, root / "data" / "landing" / name, shift, seed=1)
 
 
-def test_drifted_labelled_batch_retrains_and_the_gate_decides(tmp_path: Path, monkeypatch):
+def test_a_drifted_labelled_batch_retrains_and_the_better_model_is_promoted(tmp_path: Path, monkeypatch):
     root = small_project(tmp_path / "project")
     cfg = load_config(root / "params.yaml", root)
     training_flow(root=str(root))
@@ -92,15 +92,19 @@ def test_drifted_labelled_batch_retrains_and_the_gate_decides(tmp_path: Path, mo
     assert manifest.count("bright__") == 90 and "quiet__" not in manifest
     assert "up to date" in sh(root, "dvc", "status")
 
-    # A new version was registered; it is champion exactly when its gate passed.
+    # The retrained model saw the brightened digits; the champion never did. On a test split that
+    # now holds some of them (stable splits: the new images are assigned among themselves) the
+    # candidate must beat the champion, pass the gate and be promoted: this case retrains *and* promotes.
     gate = json.loads((root / "reports/gate.json").read_text())
+    assert gate["passed"], gate
+    champion_check = gate["checks"]["no_regression_vs_champion"]
+    assert champion_check["status"] == "passed" and gate["champion_version"] == str(first.version), champion_check
     versions = client.search_model_versions("name = 'flow-test'")
     assert len(versions) == 2
     champion = client.get_model_version_by_alias("flow-test", "champion")
-    if gate["passed"]:
-        assert champion.version != first.version and "new champion" in summary["training"]
-    else:
-        assert champion.version == first.version and "gate failed" in summary["training"]
+    assert champion.version != first.version and "new champion" in summary["training"], summary
+    split_report = json.loads((root / "reports/split.json").read_text())
+    assert split_report["new_images"] == 90 and split_report["moved_images"] == 0
 
     # Nothing is lost: every batch moved aside whole, none left in the landing area.
     assert tree_digest(archive / "processed" / "bright") == bright_digest
@@ -125,3 +129,43 @@ def test_drifted_labelled_batch_retrains_and_the_gate_decides(tmp_path: Path, mo
     assert any("image_stats.brightness.p_value" in r.data.metrics for r in runs)
     published = flow_run_artifacts(state.state_details.flow_run_id)
     assert {"drift-bright", "drift-check-summary"} <= set(published)
+
+
+def test_clean_batches_do_not_retrain_until_the_champion_is_too_old(tmp_path: Path):
+    root = small_project(tmp_path / "project")
+    cfg = load_config(root / "params.yaml", root)
+    training_flow(root=str(root))
+    tracking.configure(cfg.mlflow, root)
+    client = mlflow.MlflowClient()
+    first = client.get_model_version_by_alias("flow-test", "champion")
+    trained_at = (root / "models/keras/model.keras").stat().st_mtime
+
+    # Unshifted digits the model never saw, labelled: no detector may fire, nothing is trained.
+    clean = land(root, "clean", unchanged())
+    summary = drift_check_flow(root=str(root), settle_seconds=0, overrides={"drift.cooldown_hours": 0})
+    assert summary["batches"] == {"clean": "no drift"}, summary
+    assert "training" not in summary and summary["decision"].startswith("no drift"), summary
+    assert not clean.exists() and (root / "data/landing_archive/processed/clean").is_dir()
+    assert len(client.search_model_versions("name = 'flow-test'")) == 1
+    assert (root / "models/keras/model.keras").stat().st_mtime == trained_at
+    assert not (root / "data/batches/clean.dvc").exists()
+
+    # The same clean landing area, but a champion older than drift.max_model_age_days: retrain anyway,
+    # on the data as it is (no new batch). Training is deterministic (same data, params and seed), so
+    # the candidate equals the champion on the same test split, passes the gate and is promoted.
+    aged = drift_check_flow(
+        root=str(root),
+        settle_seconds=0,
+        overrides={"drift.cooldown_hours": 0, "drift.max_model_age_days": 1e-5},  # about a second
+    )
+    assert aged["batches"] == {} and "days old" in aged["decision"], aged
+    assert "training" in aged, aged
+    assert (root / "models/keras/model.keras").stat().st_mtime > trained_at  # train was forced
+    versions = client.search_model_versions("name = 'flow-test'")
+    assert len(versions) == 2
+    gate = json.loads((root / "reports/gate.json").read_text())
+    assert gate["passed"] and gate["champion_version"] == str(first.version), gate
+    assert gate["checks"]["no_regression_vs_champion"]["status"] == "passed"
+    champion = client.get_model_version_by_alias("flow-test", "champion")
+    assert champion.version != first.version and "new champion" in aged["training"], aged
+    assert "up to date" in sh(root, "dvc", "status")
