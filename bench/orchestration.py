@@ -5,23 +5,37 @@ params, same embedded data, empty MLflow store), as a separate process, so
 start-up costs count. Prints wall times and the ratios to the plain functions,
 all measured in this one run. Not part of the test suite.
 
-    .venv/bin/python bench/orchestration.py [--repeats 3]
+The code measured is commit `--ref` (default HEAD, taken with `git archive`),
+so edits in the working tree, committed or not, neither leak into the figures
+nor break the copies; `--ref worktree` takes the tracked and untracked
+(not ignored) files as they are now instead. `--set train.max_steps=20`
+(repeatable) overrides a params.yaml value in the copies, for a quick check
+that the bench runs; the recorded figures use params.yaml as it is.
+
+    .venv/bin/python bench/orchestration.py [--repeats 3] [--ref HEAD] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.provenance import header  # noqa: E402
 
 PLAIN = """
 from pathlib import Path
@@ -47,13 +61,47 @@ VARIANTS = {
 SERVER_PORT = 4263
 
 
-def snapshot(target: Path) -> Path:
-    """The tracked project files as they are now, taken once so edits during the run change nothing."""
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for name in files.splitlines():
-        (target / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, target / name)
-    return target
+def snapshot(target: Path, ref: str) -> str:
+    """The project's files at commit `ref` (or the working tree's, for "worktree"); what was taken.
+
+    Taken once, so edits during the run change nothing.
+    """
+    git = ["git", "-C", str(ROOT)]
+    if ref == "worktree":
+        listed = subprocess.run(
+            [*git, "ls-files", "--cached", "--others", "--exclude-standard"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for name in listed.splitlines():
+            if (ROOT / name).is_file():  # a tracked file deleted in the working tree is left out
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / name, target / name)
+        return "the working tree (tracked and untracked files)"
+    commit = subprocess.run([*git, "rev-parse", "--short", ref], capture_output=True, text=True, check=True)
+    archive = subprocess.run([*git, "archive", ref], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(target, filter="tar")
+    return f"commit {commit.stdout.strip()} (git archive {ref})"
+
+
+def override_params(project: Path, overrides: list[str]) -> None:
+    """Set dotted params.yaml keys (`train.max_steps=20`) in a copy; values are read as YAML."""
+    if not overrides:
+        return
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for override in overrides:
+        key, _, value = override.partition("=")
+        *parents, leaf = key.split(".")
+        section = params
+        for name in parents:
+            section = section[name]
+        if leaf not in section:
+            raise SystemExit(f"--set {override}: params.yaml has no key {key}")
+        section[leaf] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
 
 
 def fresh_copy(source: Path, target: Path) -> Path:
@@ -95,7 +143,14 @@ def start_server(env: dict[str, str]) -> subprocess.Popen:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="full runs per variant (median is reported)")
+    parser.add_argument("--ref", default="HEAD", help='commit to measure, or "worktree" (default: HEAD)')
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="params.yaml override in the copies"
+    )
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    print(header(["prefect", "dvc", "mlflow", "tensorflow"]), flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-orchestration-") as scratch:
         env = {
@@ -109,7 +164,11 @@ def main() -> None:
         }
         env.pop("MLFLOW_TRACKING_URI", None)
         # Prefect creates its database on first use; do that before timing, as a user's install has it.
-        source = snapshot(Path(scratch) / "snapshot")
+        source = Path(scratch) / "snapshot"
+        source.mkdir()
+        measured = snapshot(source, args.ref)
+        override_params(source, args.set)
+        print(f"measured code: {measured}; params overrides: {args.set or 'none'}", flush=True)
         warm = fresh_copy(source, Path(scratch) / "warm-up")
         warm_up = "from flows.retraining import drift_check_flow; drift_check_flow()"
         timed([sys.executable, "-c", warm_up], warm, env)
@@ -133,8 +192,8 @@ def main() -> None:
 
     median = {name: statistics.median(times) for name, times in results.items()}
     base = median["plain functions"]
-    print(f"\nmachine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
-    print("workload: embedded digits, params.yaml defaults, every stage from scratch")
+    params = f"params.yaml with {', '.join(args.set)}" if args.set else "params.yaml defaults"
+    print(f"\nworkload: embedded digits, {params}, every stage from scratch")
     print(f"{'variant':18s} | {'wall s':>7s} | ratio to plain")
     print(f"{'-' * 18}-+-{'-' * 7}-+-{'-' * 14}")
     for name, seconds in median.items():

@@ -98,7 +98,9 @@ def test_a_drifted_labelled_batch_retrains_and_the_better_model_is_promoted(tmp_
     gate = json.loads((root / "reports/gate.json").read_text())
     assert gate["passed"], gate
     champion_check = gate["checks"]["no_regression_vs_champion"]
-    assert champion_check["status"] == "passed" and gate["champion_version"] == str(first.version), champion_check
+    assert champion_check["status"] == "passed" and gate["champion_version"] == str(first.version), (
+        champion_check
+    )
     versions = client.search_model_versions("name = 'flow-test'")
     assert len(versions) == 2
     champion = client.get_model_version_by_alias("flow-test", "champion")
