@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
@@ -27,6 +28,7 @@ def test_bad_params_fail_at_start_with_key_path(tmp_path: Path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # three CLI processes, each importing the pipeline: ~9 s on 2 cores
 def test_ingest_then_split_without_validate_says_what_to_do(tmp_path: Path):
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

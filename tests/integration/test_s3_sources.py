@@ -62,6 +62,7 @@ def source_config(make_config, prefix: str, endpoint: str, attempts: int = 3):
     )
 
 
+@pytest.mark.slow  # 1,000+ objects through the proxy: 10-30 s on 2 cores
 def test_ingest_lists_past_a_page_and_downloads_only_changed_objects(server, proxy, aws_env, make_config):
     client = server.client()
     keys = [f"paged/{index % 2}/x{index:04d}.png" for index in range(1105)]  # > 1,000: a second page
