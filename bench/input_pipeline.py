@@ -1,8 +1,8 @@
 """Input-pipeline throughput: the training tf.data pipeline, the same work without it, ImageDataGenerator.
 
 Writes 5,000 JPEG images of 224x224 (10 classes) to a temporary folder, then
-measures images per second through four variants, `--repeats` times each, in
-an order that rotates every repeat (A B C D, B C D A, ...) so that a slow
+measures images per second through three variants, `--repeats` times each, in
+an order that rotates every repeat (A B C, B C A, ...) so that a slow
 spell of the machine does not land on one variant:
 
 - ceiling: the same work as the training pipeline with none of tf.data's

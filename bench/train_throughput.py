@@ -16,8 +16,8 @@ training step on `--warmup` untimed steps, then trains with `fit` on
 
 Prints images/s of epoch 1, of the cached epochs (median) and of the
 synthetic steps, and the ratios real/synthetic (target at least 0.9: the
-input pipeline must keep the accelerator busy). Uses the strategy and policy
-code of the train stage (`pipeline.train.distribute`). Runs on whatever
+input pipeline must keep the accelerator busy). Uses the train stage's
+precision policy (`pipeline.train.distribute.precision_policy`). Runs on whatever
 device TensorFlow sees; on a CPU the figures are CPU figures. The JPEGs are
 in the OS page cache (just written), so epoch 1 measures decode, not disk.
 

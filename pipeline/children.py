@@ -70,5 +70,12 @@ def start(args: Sequence[str], **popen: Any) -> subprocess.Popen:
     """`subprocess.Popen(args, **popen)` for a child that ends when this process dies.
 
     Call it from a thread that lives as long as the child (see the module docstring).
+
+    Args:
+        args: the command line.
+        **popen: any other `subprocess.Popen` keyword (env, cwd, stdout, ...), but not `preexec_fn`.
+
+    Returns:
+        The started child.
     """
     return subprocess.Popen(args, preexec_fn=die_with_parent(), **popen)

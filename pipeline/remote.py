@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline import config, s3
+from pipeline import children, config, s3
 from pipeline.config import StorageConfig
 from pipeline.errors import ConfigError, PipelineError
 
@@ -32,7 +32,13 @@ def remote_url(storage: StorageConfig) -> str:
 
 
 def _dvc(root: Path, *args: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
+    done = subprocess.run(  # a killed pipeline takes its dvc process with it (pipeline/children.py)
+        [sys.executable, "-m", "dvc", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        preexec_fn=children.die_with_parent(),
+    )
     if done.returncode != 0:
         raise PipelineError(f"`dvc {' '.join(args)}` failed: {done.stderr.strip() or done.stdout.strip()}")
 

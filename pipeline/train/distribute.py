@@ -152,7 +152,11 @@ class Distribution:
 
     @property
     def strategy_name(self) -> str:
-        """The public tf.distribute name (MultiWorkerMirroredStrategy's class has another)."""
+        """The strategy's name for MLflow tags: the public tf.distribute class name, or `DefaultStrategy`.
+
+        `DefaultStrategy` is TensorFlow's default (no-op) strategy that `one_device` uses; its class
+        is private, so it is named here. MultiWorkerMirroredStrategy's class also has another name.
+        """
         for public in ("MultiWorkerMirroredStrategy", "MirroredStrategy", "OneDeviceStrategy"):
             if isinstance(self.strategy, getattr(tf.distribute, public)):
                 return public

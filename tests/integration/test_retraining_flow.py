@@ -39,13 +39,18 @@ def land(root: Path, name: str, shift, labelled: bool = True) -> Path:
     return write_batch(files, labels, root / "data" / "landing" / name, shift, seed=1)
 
 
-def test_a_drifted_labelled_batch_retrains_and_the_better_model_is_promoted(tmp_path: Path, monkeypatch):
+def project_with_a_champion(tmp_path: Path):
+    """A small project after one training flow: (root, config, MLflow client, the champion version)."""
     root = small_project(tmp_path / "project")
     cfg = load_config(root / "params.yaml", root)
     training_flow(root=str(root))
     tracking.configure(cfg.mlflow, root)
     client = mlflow.MlflowClient()
-    first = client.get_model_version_by_alias("flow-test", "champion")
+    return root, cfg, client, client.get_model_version_by_alias("flow-test", "champion")
+
+
+def test_a_drifted_labelled_batch_retrains_and_the_better_model_is_promoted(tmp_path: Path, monkeypatch):
+    root, cfg, client, first = project_with_a_champion(tmp_path)
 
     val = read_split(StagePaths.from_config(cfg.paths, root), "val")
     quiet = write_batch(  # the reference's own images: no detector can see a difference
@@ -98,6 +103,7 @@ def test_a_drifted_labelled_batch_retrains_and_the_better_model_is_promoted(tmp_
     gate = json.loads((root / "reports/gate.json").read_text())
     assert gate["passed"], gate
     champion_check = gate["checks"]["no_regression_vs_champion"]
+    assert champion_check["value"] > 0, champion_check  # candidate - champion accuracy: strictly better
     assert champion_check["status"] == "passed" and gate["champion_version"] == str(first.version), (
         champion_check
     )
@@ -134,12 +140,7 @@ def test_a_drifted_labelled_batch_retrains_and_the_better_model_is_promoted(tmp_
 
 
 def test_clean_batches_do_not_retrain_until_the_champion_is_too_old(tmp_path: Path):
-    root = small_project(tmp_path / "project")
-    cfg = load_config(root / "params.yaml", root)
-    training_flow(root=str(root))
-    tracking.configure(cfg.mlflow, root)
-    client = mlflow.MlflowClient()
-    first = client.get_model_version_by_alias("flow-test", "champion")
+    root, cfg, client, first = project_with_a_champion(tmp_path)
     trained_at = (root / "models/keras/model.keras").stat().st_mtime
 
     # Unshifted digits the model never saw, labelled: no detector may fire, nothing is trained.

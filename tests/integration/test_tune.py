@@ -163,7 +163,7 @@ def test_a_lagging_trial_is_pruned(project: Path):
         **{"tune.study_name": "pruning", "tune.trials": 2, "tune.pruner": "median"},
         **{"tune.pruner_startup_trials": 1, "tune.pruner_warmup_epochs": 0},
         # Longer epochs at a fixed batch: the good trial is clearly above chance by its second epoch.
-        **{"train.epochs": 3, "train.min_steps_per_epoch": 16, "train.min_batch_size": 4},
+        **{"train.epochs": 3, "train.min_steps_per_epoch": 32, "train.min_batch_size": 4},
     )
     fixed = {"train.batch_size": 4, "train.weight_decay": 1e-4, "train.dropout": 0.0, "train.width": 32}
     fixed |= {f"train.augment.{name}": 0.0 for name in ("zoom", "translation", "rotation", "contrast")}

@@ -163,3 +163,11 @@ def test_an_unlabelled_batch_half_of_a_class_the_champion_never_saw_is_drift(poo
     )
     print({n: f"{r.alarms}/{r.checks}" for n, r in rates.items()})
     assert rates["embeddings"].rate >= MIN_POWER and rates["any"].rate >= MIN_POWER, rates
+
+
+@pytest.mark.parametrize("name", UNLABELLED)
+def test_power_on_unlabelled_batches(pools, name: str):
+    """The detectors that need no labels catch their shift in unlabelled batches too (fewer share alpha)."""
+    found = batches(pools, TARGETS[name], POWER_BATCH, POWER_CHECKS, False, seed=5)
+    rate = alarm_rates(pools.reference, found, CFG)[name]
+    assert rate.rate >= MIN_POWER, f"{name}: {rate.alarms}/{rate.checks} unlabelled, {TARGETS[name]}"
