@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -27,8 +28,11 @@ def prefect_server():
         yield
 
 
-def small_project(target: Path, per_class: int = 40) -> Path:
-    """A git + DVC copy of the project whose source is a small digits tree next to it."""
+def small_project(target: Path, per_class: int = 40, extra: Callable[[dict], None] | None = None) -> Path:
+    """A git + DVC copy of the project whose source is a small digits tree next to it.
+
+    `extra` edits the params after these defaults (a test's own epochs, gate or model name).
+    """
     source = write_tree(target.parent / f"{target.name}-images", digit_images(per_class=per_class))
 
     def edit(params: dict) -> None:
@@ -45,6 +49,8 @@ def small_project(target: Path, per_class: int = 40) -> Path:
             }
         )
         params["mlflow"]["registered_model"] = "flow-test"
+        if extra is not None:
+            extra(params)
 
     target.mkdir()
     return copy_project(target, edit)

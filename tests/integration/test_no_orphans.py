@@ -23,7 +23,8 @@ from typing import TypeVar
 import mlflow
 import pytest
 
-from tests.conftest import FAST_RECIPE, NO_AUGMENT, REPO_ROOT, copy_project, digit_images, write_tree
+from tests.conftest import REPO_ROOT
+from tests.integration.test_flows import small_project
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the tie is Linux's prctl; the test reads /proc"
@@ -125,30 +126,18 @@ def test_a_tied_child_ends_with_its_killed_parent(tied: bool) -> None:
         kill_all(watched)
 
 
-def small_project(target: Path) -> Path:
-    """A git + DVC copy of the project on a small digits tree, training for EPOCHS epochs.
+def orphan_project(target: Path) -> Path:
+    """A small project (test_flows.small_project) training for EPOCHS epochs.
 
     The gate's thresholds are off: the test is about processes, not about what the model learned.
     """
-    source = write_tree(target.parent / f"{target.name}-images", digit_images(per_class=20))
 
     def edit(params: dict) -> None:
-        params["ingest"].update({"source": "folder", "folder": {"path": str(source)}})
-        params["validate"]["min_images_per_class"] = 5
-        params["train"].update({"epochs": EPOCHS, "batch_size": 8, **FAST_RECIPE, "augment": NO_AUGMENT})
-        params["export"]["calibration_images"] = 20
-        params["gate"].update(
-            {
-                "min_accuracy": 0.0,
-                "min_macro_f1": 0.0,
-                "min_margin_over_baseline": -1.0,
-                "max_int8_accuracy_drop": 1.0,
-            }
-        )
+        params["train"]["epochs"] = EPOCHS
+        params["gate"].update({"min_accuracy": 0.0, "min_macro_f1": 0.0, "max_int8_accuracy_drop": 1.0})
         params["mlflow"]["registered_model"] = "orphan-test"
 
-    target.mkdir()
-    return copy_project(target, edit)
+    return small_project(target, per_class=20, extra=edit)
 
 
 def flow_environment(prefect_home: Path) -> dict[str, str]:
@@ -181,7 +170,7 @@ def epochs_backed_up(root: Path) -> int | None:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_killed_flow_leaves_no_process_and_its_rerun_resumes(tmp_path: Path) -> None:
-    root = small_project(tmp_path / "project")
+    root = orphan_project(tmp_path / "project")
     env = flow_environment(tmp_path / "prefect-home")
     command = [sys.executable, "-m", "flows.training"]
     with (tmp_path / "killed.log").open("w") as log:
