@@ -31,9 +31,12 @@ drift-demo: $(STAMP) ## land a brightened batch of digits and run the drift-chec
 	python -m flows.training
 	python -m flows.drift_demo
 
+# Two pytest-xdist workers, each taking whole test files (module-scoped servers start once per file).
+TEST_WORKERS ?= 2
+
 test: $(STAMP) ## run the test suite (installs PostgreSQL from Debian packages first when it is missing)
 	infra/scripts/install-postgres.sh
-	python -m pytest
+	python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 # The team setup (mlflow/README.md, infra/README.md): settings from the environment,
 # or from the git-ignored env files next to the scripts when they exist.
