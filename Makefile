@@ -9,11 +9,14 @@ export GX_ANALYTICS_ENABLED := False
 # The temporary Prefect server of `make run` would try to send telemetry and log an ERROR when offline.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run repro deploy drift-check drift-demo tune test install lint typecheck clean \
+.PHONY: run serve repro deploy drift-check drift-demo tune test install lint typecheck clean \
 	mlflow-server prefect-server prefect-worker dvc-remote
 
 run: $(STAMP) ## create the venv if missing, install, run the training flow on params.yaml
 	python -m flows.training
+
+serve: $(STAMP) ## serve the registry's champion on 127.0.0.1:8501 (params.yaml serve:): TF Serving REST API, page at /
+	python -m serving
 
 repro: $(STAMP) ## the same stages without Prefect
 	dvc repro

@@ -459,6 +459,24 @@ class TuneConfig(Section):
         return self
 
 
+class ServeConfig(Section):
+    """The model service (`make serve`: serving/ over pipeline/serving/), TF Serving's REST API."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0 in a container
+    port: int = Field(8501, ge=0, le=65535)  # TF Serving's REST port; 0 picks a free one
+    workers: int = Field(1, ge=1, le=64)  # uvicorn processes, each with its own copy of the models
+    max_batch_size: int = Field(32, ge=1)  # images per model call when requests are batched
+    batch_timeout_ms: float = Field(2.0, ge=0.0)  # wait this long for more requests; 0 disables batching
+    poll_seconds: float = Field(10.0, gt=0.0)  # how often the registry's aliases are checked
+    max_body_mb: float = Field(16.0, gt=0.0)  # larger request bodies get 413
+    max_instances: int = Field(256, ge=1)  # images in one request; more get 400
+    top_k: int = Field(3, ge=1)  # classes per image in POST /predict and on the page
+    warmup_requests: int = Field(3, ge=0)  # calls on a new version before it serves (and is ready)
+    cache: Path = Path(".cache/serving")  # downloaded SavedModels: <cache>/<model>/<version>/
+    smoke_test_images: int = Field(50, ge=1)  # test images the gate's serving smoke test sends
+    smoke_test_timeout_seconds: float = Field(180.0, gt=0.0)  # for the candidate to load and answer
+
+
 class PipelineConfig(Section):
     """The whole of params.yaml."""
 
@@ -476,6 +494,7 @@ class PipelineConfig(Section):
     drift: DriftConfig = DriftConfig()
     storage: StorageConfig = StorageConfig()
     tune: TuneConfig = TuneConfig()
+    serve: ServeConfig = ServeConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

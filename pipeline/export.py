@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pipeline import tracking
+from pipeline import registry, tracking
 from pipeline.artifacts import image_files, input_size, load_trained_model, read_split, write_report
 from pipeline.config import PipelineConfig
 from pipeline.images import decode_and_resize, load_files
@@ -182,6 +182,7 @@ def run(cfg: PipelineConfig, paths: StagePaths) -> ExportResult:
             }
         )
         mlflow.log_artifacts(str(paths.tflite), "tflite")
+        mlflow.log_artifacts(str(paths.savedmodel), registry.SAVEDMODEL_ARTIFACT)  # what the service loads
         mlflow.log_artifact(str(paths.export_report), "reports")
         mlflow.log_artifact(str(paths.labels))
     for variant, row in variants.items():

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 REFERENCE_ARTIFACT = "drift_reference"  # where the drift reference profile lives in a model's run
+SAVEDMODEL_ARTIFACT = "savedmodel"  # the bytes-in SavedModel (export) in a model's run: what the service loads
 CLASS_NAMES_TAG = "class_names"
 PREVIOUS_CHAMPION_TAG = "previous_champion"
 
@@ -124,6 +125,44 @@ def drift_reference(model: RegisteredModel) -> Iterator[Path]:
                 "reference stage records one"
             ) from None
         yield Path(folder)
+
+
+def download_savedmodel(model_name: str, version: str, cache: Path) -> Path:
+    """The version's exported SavedModel in `<cache>/<model>/<version>/`, downloaded once.
+
+    The download goes to a temporary folder beside the target and is renamed into
+    place, so a folder in the cache is always complete.
+
+    Raises:
+        RegistryError: when the registry cannot be read.
+        PipelineError: when the version does not exist or its run has no SavedModel.
+    """
+    target = cache / model_name / version
+    if target.is_dir():
+        return target
+    try:
+        run_id = mlflow.MlflowClient().get_model_version(model_name, version).run_id
+    except Exception as error:
+        if _absent(error):
+            raise PipelineError(f"{model_name} has no version {version}") from None
+        raise RegistryError(
+            f"the model registry at {mlflow.get_tracking_uri()} could not be read for {model_name} "
+            f"version {version} ({error.__class__.__name__})"
+        ) from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{version}-", dir=target.parent) as scratch:
+        try:
+            folder = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=SAVEDMODEL_ARTIFACT, dst_path=scratch
+            )
+        except (OSError, mlflow.exceptions.MlflowException) as error:
+            raise PipelineError(
+                f"{model_name} version {version} (run {run_id}) has no '{SAVEDMODEL_ARTIFACT}' artifact "
+                f"({error.__class__.__name__}); retrain it with this version of the pipeline, whose "
+                "export stage logs one"
+            ) from None
+        Path(folder).rename(target)
+    return target
 
 
 def version_of_run(model_name: str, run_id: str) -> str | None:

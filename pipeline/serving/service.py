@@ -1,0 +1,383 @@
+"""The model side of the service: which versions serve under which label, hot swaps, and predictions.
+
+The HTTP layer (serving/app.py) turns requests into calls of `ModelService`
+and its answers (or `ServingError`s) into responses; nothing here knows about
+HTTP beyond the status a refusal carries.
+
+Labels follow the registry's aliases: `stable` is the `champion`, `canary` the
+`challenger`. A poller checks them every `serve.poll_seconds`; a version that
+moves in is loaded beside the serving one, warmed up, then swapped in under a
+lock, and a version no label points to any more is released once the requests
+it already took are answered. A version that fails to load leaves the current
+one serving and is shown UNAVAILABLE, with the reason, in the status endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline.config import ServeConfig
+from pipeline.errors import PipelineError
+from pipeline.serving import inputs
+from pipeline.serving.batching import Batcher
+from pipeline.serving.inputs import NotFound, NotReady, ServingError
+from pipeline.serving.metrics import ServingMetrics
+from pipeline.serving.model import LoadFailed, ServableVersion
+
+log = logging.getLogger(__name__)
+
+STABLE, CANARY = "stable", "canary"
+RETRY_FAILED_SECONDS = 300.0  # a version that failed to load is tried again no sooner than this
+
+
+class Source(Protocol):
+    """Where versions come from: which version each label should serve, and its SavedModel folder."""
+
+    model_name: str
+
+    def wanted(self) -> dict[str, str]:
+        """{label: version} as the source says now (labels without a version are left out)."""
+        ...
+
+    def fetch(self, version: str) -> Path:
+        """A local SavedModel folder of `version`."""
+        ...
+
+    def describe(self) -> str:
+        """Where the versions come from, for messages."""
+        ...
+
+    def nothing_to_serve(self) -> str:
+        """What to do when there is no version for `stable` yet."""
+        ...
+
+
+@dataclass
+class VersionState:
+    """TF Serving's per-version state: START, LOADING, AVAILABLE, UNLOADING, END or UNAVAILABLE."""
+
+    state: str
+    error: str = ""
+    since: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Served:
+    """A version resolved for one request, with the batcher that runs it."""
+
+    servable: ServableVersion
+    batcher: Batcher
+    label: str | None
+
+    @property
+    def version(self) -> str:
+        return self.servable.version
+
+
+class ModelService:
+    """Loads versions from a source, keeps them current, and answers predictions.
+
+    Args:
+        cfg: the `serve` settings.
+        max_pixels: larger images are refused (ingest.max_pixels).
+        source: where versions come from.
+        metrics: the service's metrics (a fresh set when None).
+    """
+
+    def __init__(
+        self, cfg: ServeConfig, max_pixels: int, source: Source, metrics: ServingMetrics | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.max_pixels = max_pixels
+        self.source = source
+        self.name = source.model_name
+        self.metrics = metrics or ServingMetrics()
+        self._lock = threading.Lock()
+        self._labels: dict[str, Served] = {}  # label -> version serving it
+        self._loaded: dict[str, Served] = {}  # version -> loaded version (labelled or being released)
+        self._states: dict[str, VersionState] = {}
+        self._failed_at: dict[str, float] = {}
+        self._poll_error = ""
+        self._polled = False
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, poll: bool = True) -> None:
+        """Start the poller (its first poll runs at once), or poll once now when `poll` is False."""
+        if not poll:
+            self.poll_once()
+            return
+        self._poller = threading.Thread(target=self._poll_loop, name="registry-poller", daemon=True)
+        self._poller.start()
+
+    def stop(self) -> None:
+        """Stop polling and release every version."""
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=30)
+        with self._lock:
+            self._labels = {}
+        self._release_unlabelled()
+
+    def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            self.poll_once()
+            self._stop.wait(self.cfg.poll_seconds)
+
+    def poll_once(self) -> None:
+        """Bring every label to the version the source names now (load, warm up, swap, release)."""
+        try:
+            wanted = self.source.wanted()
+        except PipelineError as error:
+            self._poll_error = str(error)
+            self._polled = True
+            log.warning("could not read %s; serving what is loaded: %s", self.source.describe(), error)
+            return
+        self._poll_error = ""
+        for label, version in sorted(wanted.items(), key=lambda item: item[0] != STABLE):
+            current = self._labels.get(label)
+            if current is not None and current.version == version:
+                continue
+            served = self._served_version(version) or self._load(version)
+            if served is None:
+                continue
+            with self._lock:
+                self._labels[label] = Served(served.servable, served.batcher, label)
+            self.metrics.loaded.labels(version, label).set(1)
+            if current is not None:
+                self.metrics.loaded.labels(current.version, label).set(0)
+            log.info("%s %s now serves version %s", self.name, label, version)
+        for label in [label for label in self._labels if label not in wanted]:
+            with self._lock:
+                gone = self._labels.pop(label)
+            self.metrics.loaded.labels(gone.version, label).set(0)
+            log.info("%s %s removed (version %s no longer has its alias)", self.name, label, gone.version)
+        self._release_unlabelled()
+        self._polled = True
+
+    def _served_version(self, version: str) -> Served | None:
+        return self._loaded.get(version)
+
+    def _load(self, version: str) -> Served | None:
+        failed = self._failed_at.get(version)
+        if failed is not None and time.monotonic() - failed < RETRY_FAILED_SECONDS:
+            return None
+        self._states[version] = VersionState("LOADING")
+        try:
+            folder = self.source.fetch(version)
+            servable = ServableVersion.load(self.name, version, folder, self.cfg.warmup_requests)
+        except (PipelineError, LoadFailed) as error:
+            self._failed_at[version] = time.monotonic()
+            self._states[version] = VersionState("UNAVAILABLE", str(error))
+            self.metrics.model_load_failures.labels(version).inc()
+            log.error(
+                "could not load %s version %s; the current one keeps serving: %s", self.name, version, error
+            )
+            return None
+        self._failed_at.pop(version, None)
+        batcher = Batcher(
+            servable.predict,
+            self.cfg.max_batch_size,
+            self.cfg.batch_timeout_ms,
+            observe=lambda images, requests, secs: self.metrics.observe_batch(
+                version, images, requests, secs
+            ),
+            name=f"{self.name}-{version}",
+        )
+        self._states[version] = VersionState("AVAILABLE")
+        self.metrics.model_loads.labels(version).inc()
+        log.info("loaded %s version %s from %s", self.name, version, folder)
+        self._loaded[version] = Served(servable, batcher, None)
+        return self._loaded[version]
+
+    def _release_unlabelled(self) -> None:
+        """Release loaded versions no label points to: their batcher answers what it queued, then stops.
+
+        A request that resolved a released version before the swap still gets its answer: its
+        batcher runs it alone, on the version it resolved, which lives as long as the request.
+        """
+        live = {item.version for item in self._labels.values()}
+        for version in [v for v in self._loaded if v not in live]:
+            self._states[version] = VersionState("UNLOADING")
+            self._loaded.pop(version).batcher.close()
+            self._states[version] = VersionState("END")
+            log.info("released %s version %s", self.name, version)
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether `stable` is loaded and warmed up, and why not."""
+        if STABLE in self._labels:
+            return True, f"{self.name} version {self._labels[STABLE].version} is ready"
+        loading = [v for v, s in self._states.items() if s.state == "LOADING"]
+        if loading:
+            return False, f"{self.name} version {loading[0]} is loading"
+        failed = [s.error for s in self._states.values() if s.state == "UNAVAILABLE"]
+        if failed:
+            return False, f"no version of {self.name} could be loaded: {failed[-1]}"
+        if self._poll_error:
+            return False, self._poll_error
+        if not self._polled:
+            return False, f"{self.name}: looking for a version in {self.source.describe()}"
+        return False, self.source.nothing_to_serve()
+
+    def served(self) -> dict[str, str]:
+        """{label: version} served now."""
+        return {label: item.version for label, item in self._labels.items()}
+
+    def _check_name(self, name: str) -> None:
+        if name != self.name:
+            raise NotFound(f"Servable not found: unknown model {name!r}; this service serves {self.name!r}")
+
+    def status(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """`GET /v1/models/{name}[/versions/N]`: each known version's state, newest first."""
+        self._check_name(name)
+        states = dict(self._states)
+        if version is not None:
+            if version not in states:
+                raise NotFound(f"{name} has no version {version} known to this service: {sorted(states)}")
+            states = {version: states[version]}
+        return {
+            "model_version_status": [
+                {
+                    "version": v,
+                    "state": s.state,
+                    "status": {
+                        "error_code": "UNKNOWN" if s.state == "UNAVAILABLE" else "OK",
+                        "error_message": s.error,
+                    },
+                }
+                for v, s in sorted(states.items(), key=lambda item: -int(item[0]) if item[0].isdigit() else 0)
+            ]
+        }
+
+    def resolve(self, name: str, version: str | None = None, label: str | None = None) -> Served:
+        """The served version a request names (by version, by label, or `stable` by default).
+
+        Raises:
+            NotFound: unknown model, version or label (404).
+            NotReady: nothing loaded for it yet (503).
+        """
+        self._check_name(name)
+        labels = dict(self._labels)
+        if version is not None:
+            for item in labels.values():
+                if item.version == version:
+                    return item
+            raise NotFound(
+                f"{name} version {version} is not served; served versions: "
+                + (", ".join(f"{v.version} ({k})" for k, v in labels.items()) or "none")
+            )
+        label = label or STABLE
+        if label not in (STABLE, CANARY):
+            raise NotFound(
+                f"unknown label {label!r}; the labels are '{STABLE}' (champion) and '{CANARY}' (challenger)"
+            )
+        if label in labels:
+            return labels[label]
+        if label == CANARY:
+            raise NotFound(f"{name} has no '{CANARY}' version: no version carries the 'challenger' alias")
+        raise NotReady(self.ready()[1])
+
+    def metadata(self, name: str, version: str | None = None, label: str | None = None) -> dict[str, Any]:
+        """`GET /v1/models/{name}[/versions/N]/metadata`."""
+        return self.resolve(name, version, label).servable.metadata()
+
+    # -- predictions -----------------------------------------------------------------------------
+
+    def run(self, served: Served, images: list[bytes]) -> dict[str, np.ndarray]:
+        """The served version's outputs on checked images (batched with other requests).
+
+        Raises:
+            ServingError: (400) naming the image the model's decoder could not read.
+        """
+        try:
+            outputs = served.batcher.run(images)
+        except tf.errors.InvalidArgumentError:
+            for index, image in enumerate(images):  # which one: call each alone
+                try:
+                    served.servable.predict([image])
+                except tf.errors.InvalidArgumentError as error:
+                    message = str(error).splitlines()[0][:200]
+                    raise ServingError(
+                        f"instance {index}: the model's image decoder cannot read it ({message})"
+                    ) from None
+            raise
+        self.metrics.observe_predictions(served.version, [inputs.text(c) for c in outputs["predicted_class"]])
+        return outputs
+
+    def predict(
+        self, name: str, body: bytes, version: str | None = None, label: str | None = None
+    ) -> tuple[dict[str, Any], str]:
+        """`POST /v1/models/{name}[/versions/N | /labels/L]:predict`: TF Serving's answer and the version.
+
+        Raises:
+            ServingError: 400 for a bad request or image, 404 or 503 from `resolve`.
+        """
+        served = self.resolve(name, version, label)
+        request = inputs.parse_predict(body, self.cfg.max_instances)
+        for index, image in enumerate(request.images):
+            inputs.check_image(image, self.max_pixels, index)
+        outputs = self.run(served, request.images)
+        return inputs.response(outputs, request.layout), served.version
+
+    def predict_files(self, files: list[tuple[str, bytes]], top_k: int | None = None) -> dict[str, Any]:
+        """`POST /predict`: the top-k classes of each uploaded file, the version and the latency.
+
+        Raises:
+            ServingError: 400 for no file, too many, or a file that is not a usable image.
+        """
+        started = time.perf_counter()
+        served = self.resolve(self.name)
+        if not files:
+            raise ServingError('no file uploaded; send multipart/form-data with one or more "file" fields')
+        if len(files) > self.cfg.max_instances:
+            raise ServingError(
+                f"{len(files)} files; the limit is serve.max_instances = {self.cfg.max_instances}"
+            )
+        for index, (filename, data) in enumerate(files):
+            inputs.check_image(data, self.max_pixels, index, filename)
+        outputs = self.run(served, [data for _, data in files])
+        k = min(top_k or self.cfg.top_k, outputs["probabilities"].shape[1])
+        names = [inputs.text(c) for c in outputs["class_names"][0]]
+        predictions = []
+        for (filename, _), probabilities in zip(files, outputs["probabilities"], strict=True):
+            order = [int(i) for i in np.argsort(-probabilities)[:k]]
+            predictions.append(
+                {
+                    "file": filename,
+                    "predicted_class": names[order[0]],
+                    "top_k": [{"class": names[i], "probability": float(probabilities[i])} for i in order],
+                }
+            )
+        return {
+            "model_name": self.name,
+            "model_version": served.version,
+            "label": served.label,
+            "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
+            "predictions": predictions,
+        }
+
+    def observe_request(self, endpoint: str, status: int, version: str | None, seconds: float) -> None:
+        """Count one answered request (called by the HTTP layer for every response)."""
+        self.metrics.requests.labels(endpoint, str(status), version or "").inc()
+        self.metrics.request_seconds.labels(endpoint).observe(seconds)
+
+
+def wait_ready(service: ModelService, timeout: float) -> None:
+    """Block until the service is ready, or raise NotReady with its reason after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not service.ready()[0]:
+        if time.monotonic() > deadline:
+            raise NotReady(service.ready()[1])
+        time.sleep(0.1)

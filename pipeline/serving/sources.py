@@ -1,0 +1,65 @@
+"""Where the service's versions come from: the MLflow registry's aliases, or one exported folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from pipeline import registry, tracking
+from pipeline.config import PipelineConfig
+from pipeline.serving.service import CANARY, STABLE
+
+LABELS = {STABLE: registry.CHAMPION, CANARY: registry.CHALLENGER}  # service label -> registry alias
+
+
+@dataclass(frozen=True)
+class FolderSource:
+    """One SavedModel folder served as `stable` (the gate's smoke test, `python -m serving --model-dir`)."""
+
+    model_name: str
+    folder: Path
+    version: str = "1"
+
+    def wanted(self) -> dict[str, str]:
+        return {STABLE: self.version}
+
+    def fetch(self, version: str) -> Path:
+        return self.folder
+
+    def describe(self) -> str:
+        return str(self.folder)
+
+    def nothing_to_serve(self) -> str:
+        return f"{self.folder} has not loaded"
+
+
+class RegistrySource:
+    """`mlflow.registered_model`'s `champion` as `stable` and `challenger` as `canary`.
+
+    SavedModels are downloaded from each version's run into `serve.cache`.
+    """
+
+    def __init__(self, cfg: PipelineConfig, root: Path) -> None:
+        tracking.configure(cfg.mlflow, root)
+        self.model_name = cfg.mlflow.registered_model
+        self.cache = cfg.serve.cache if cfg.serve.cache.is_absolute() else root / cfg.serve.cache
+        self.uri = mlflow.get_tracking_uri()
+
+    def wanted(self) -> dict[str, str]:
+        found = {label: registry.aliased(self.model_name, alias) for label, alias in LABELS.items()}
+        return {label: model.version for label, model in found.items() if model is not None}
+
+    def fetch(self, version: str) -> Path:
+        return registry.download_savedmodel(self.model_name, version, self.cache)
+
+    def describe(self) -> str:
+        return f"the registry at {self.uri}"
+
+    def nothing_to_serve(self) -> str:
+        return (
+            f"no version of {self.model_name} has the '{registry.CHAMPION}' alias in {self.uri} yet; "
+            "run the pipeline (`make run`) to train and register one, and this service loads it within "
+            "serve.poll_seconds"
+        )
