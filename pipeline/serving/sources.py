@@ -41,9 +41,9 @@ class RegistrySource:
     SavedModels are downloaded from each version's run into `serve.cache`.
     """
 
-    def __init__(self, cfg: PipelineConfig, root: Path) -> None:
+    def __init__(self, cfg: PipelineConfig, root: Path, model_name: str | None = None) -> None:
         tracking.configure(cfg.mlflow, root)
-        self.model_name = cfg.mlflow.registered_model
+        self.model_name = model_name or cfg.mlflow.registered_model
         self.cache = cfg.serve.cache if cfg.serve.cache.is_absolute() else root / cfg.serve.cache
         self.uri = mlflow.get_tracking_uri()
 
