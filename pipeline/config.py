@@ -285,6 +285,9 @@ class GateConfig(Section):
     # The candidate predicts other classes than the champion: block (fail), compare_common (compare
     # on the test images of the shared classes), or allow (promote without comparing, shown as skipped).
     on_class_change: Literal["block", "compare_common", "allow"] = "block"
+    serving_smoke_test: bool = (
+        True  # the exported model must load and answer over HTTP (pipeline/serving/smoke.py)
+    )
 
 
 class MlflowConfig(Section):

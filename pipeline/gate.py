@@ -24,6 +24,7 @@ from pipeline.errors import PipelineError, RegistryError
 from pipeline.images import load_files
 from pipeline.inference import predict
 from pipeline.paths import StagePaths
+from pipeline.serving import smoke
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,19 @@ def policy_note(check: GateCheck) -> GateCheck:
 
 
 CHAMPION_CHECK = "no_regression_vs_champion"
+SMOKE_CHECK = "serving_smoke_test"
+
+
+def smoke_check(cfg: PipelineConfig, paths: StagePaths) -> GateCheck:
+    """The exported SavedModel, served by the service's code in a child process, answers as evaluate did."""
+    if not cfg.gate.serving_smoke_test:
+        return GateCheck(SMOKE_CHECK, None, 1.0, "skipped", "gate.serving_smoke_test is false in params.yaml")
+    result = smoke.run(cfg, paths)
+    if result.agreement is None:
+        return GateCheck(
+            SMOKE_CHECK, None, 1.0, "failed", f"the candidate could not be served: {result.detail}"
+        )
+    return at_least(SMOKE_CHECK, result.agreement, 1.0, result.detail)
 
 
 @dataclass(frozen=True)
@@ -223,6 +237,7 @@ def run(cfg: PipelineConfig, paths: StagePaths) -> GateResult:
     export = read_report(paths.export_report, "export")
     class_names = read_class_names(paths.classes)
     checks = threshold_checks(metrics, baseline, export, cfg.gate)
+    checks.append(smoke_check(cfg, paths))
     comparison = champion_check(metrics["accuracy"], class_names, cfg, paths)
     checks.append(comparison.check)
     result = GateResult(checks)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 REFERENCE_ARTIFACT = "drift_reference"  # where the drift reference profile lives in a model's run
-SAVEDMODEL_ARTIFACT = "savedmodel"  # the bytes-in SavedModel (export) in a model's run: what the service loads
+SAVEDMODEL_ARTIFACT = "savedmodel"  # the exported bytes-in SavedModel in a model's run: what serving loads
 CLASS_NAMES_TAG = "class_names"
 PREVIOUS_CHAMPION_TAG = "previous_champion"
 

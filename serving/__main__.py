@@ -35,7 +35,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-timeout-ms", type=float, help="serve.batch_timeout_ms (0: no batching)")
     parser.add_argument("--poll-seconds", type=float, help="serve.poll_seconds")
     parser.add_argument("--model-dir", type=Path, help="serve this SavedModel folder instead of the registry")
-    parser.add_argument("--model-name", help="the registered model to serve (default mlflow.registered_model)")
+    parser.add_argument("--model-name", help="registered model to serve (default mlflow.registered_model)")
     parser.add_argument("--model-version", default="1", help="the version it serves as (with --model-dir)")
     return parser.parse_args(argv)
 

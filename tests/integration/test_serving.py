@@ -319,3 +319,38 @@ def test_bodies_are_json_over_http_not_only_from_this_client(service):
             "predicted_class",
             "class_names",
         }
+
+
+def test_the_gate_serves_the_candidate_before_promotion_and_a_broken_one_stays_challenger(project, tmp_path):
+    from pipeline import gate
+    from pipeline import register as register_stage
+    from pipeline.artifacts import write_report
+    from pipeline.errors import GateFailed
+    from pipeline.paths import StagePaths
+
+    root = tmp_path / "project"
+    shutil.copytree(project.root, root, ignore=shutil.ignore_patterns("serving-*.log"))
+    cfg = project.cfg.model_copy(
+        update={
+            "gate": project.cfg.gate.model_copy(update={"min_accuracy": 0.0, "min_macro_f1": 0.0}),
+            "mlflow": project.cfg.mlflow.model_copy(update={"registered_model": "smoke-test"}),
+        }
+    )
+    paths = StagePaths.from_config(cfg.paths, root)
+    write_report({"accuracy": 0.0}, paths.baseline_report)
+    write_report({"keras": {"accuracy": 1.0}, "tflite": {"int8": {"accuracy": 1.0}}}, paths.export_report)
+
+    served = {c.name: c for c in gate.run(cfg, paths).checks}["serving_smoke_test"]
+    assert served.status == "passed" and served.value == 1.0, served
+    assert f"{len(project.test_files())}/{len(project.test_files())} test images" in served.detail
+
+    (paths.savedmodel / "saved_model.pb").write_bytes(b"\x00broken")
+    verdict = gate.run(cfg, paths)
+    assert not verdict.passed
+    report = json.loads(paths.gate_report.read_text())
+    check = report["checks"]["serving_smoke_test"]
+    assert check["status"] == "failed" and check["value"] is None
+    assert "could not be served" in check["detail"] and "saved_model" in check["detail"].lower(), check
+    with pytest.raises(GateFailed, match="serving_smoke_test"):
+        register_stage.run(cfg, paths)
+    assert json.loads(paths.register_report.read_text())["alias"] == "challenger"
