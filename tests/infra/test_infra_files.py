@@ -3,11 +3,14 @@
 Covers infra/docker/Dockerfile and the root .dockerignore, infra/compose.yaml with its helper
 scripts and infra/.env.example, and the Kubernetes manifests in infra/k8s/: every script a
 command names, every environment variable, port, service name, database, bucket, work pool
-and image tag they mention is checked against the repository.
+and image tag they mention is checked against the repository. The model service's command,
+port and health checks are checked against `python -m serving`'s parser, params.yaml's
+`serve:` section and the routes of its FastAPI app.
 """
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import re
 import subprocess
@@ -20,6 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from pipeline.config import PipelineConfig, load_config
 from tests.conftest import REPO_ROOT
 
 INFRA = REPO_ROOT / "infra"
@@ -49,6 +53,11 @@ SERVICE_SCRIPTS = {
     "prefect-worker": "infra/prefect/start-worker.sh",
 }
 HEALTH_PATHS = {"mlflow/start-server.sh": "/health", "infra/prefect/start-server.sh": "/api/health"}
+# The model service: a compose service and a Deployment of this name run serving/__main__.py.
+SERVING = "serving"
+SERVING_COMMAND = ["python", "-m", "serving"]
+SERVING_CODE = ("pipeline", "serving")  # what `python -m serving` imports
+READY_PATH, LIVE_PATH, METRICS_PATH = "/v2/health/ready", "/v2/health/live", "/metrics"
 # Standard variables of boto3/botocore; MLFLOW_* and PREFECT_* are the tools' own settings
 # (test_tool_variables_are_settings_of_the_installed_tools checks that they exist).
 AWS_VARIABLES = {
@@ -88,11 +97,15 @@ def text(path: Path) -> str:
 
 
 @cache
-def code_text() -> str:
-    """The pipeline's and the flows' source: what a flow run in the worker reads."""
-    return "\n".join(
-        text(path) for d in ("pipeline", "flows") for path in sorted((REPO_ROOT / d).rglob("*.py"))
-    )
+def code_text(folders: tuple[str, ...] = ("pipeline", "flows")) -> str:
+    """The source of the project's packages `folders`; by default what a flow run in the worker reads."""
+    return "\n".join(text(path) for d in folders for path in sorted((REPO_ROOT / d).rglob("*.py")))
+
+
+@cache
+def params() -> PipelineConfig:
+    """params.yaml as the image's checkout has it (the services read it from there)."""
+    return load_config(REPO_ROOT / "params.yaml")
 
 
 def strings(node: object) -> list[str]:
@@ -126,6 +139,17 @@ def option_variable(script: str, option: str) -> str | None:
     """The variable a server script passes to `--port` or `--host`."""
     match = re.search(rf'{option} "\$\{{?(\w+)', text(REPO_ROOT / script))
     return match.group(1) if match else None
+
+
+def own_reads(container: Container, name: str) -> bool:
+    """Whether what a container runs names the variable itself: its start script, or Python code
+    (the worker's flows run the pipeline; `python -m serving` runs serving/ and pipeline/)."""
+    if container.command[:3] == SERVING_COMMAND:
+        return name in code_text(SERVING_CODE)
+    (script,) = container.command
+    if script.endswith("start-worker.sh") and (name in PIPELINE_ENV or name in code_text()):
+        return True
+    return script_reads(script, name)
 
 
 def effective(container: Container, script: str, option: str) -> str | None:
@@ -257,9 +281,8 @@ def k8s_container(name: str) -> Container:
     ports = {p["containerPort"] for p in container.get("ports", [])}
     probes = [container[key]["httpGet"] for key in ("readinessProbe", "livenessProbe") if key in container]
     urls = [f"http://127.0.0.1:{container_port(container, p['port'])}{p['path']}" for p in probes]
-    return Container(
-        where, container["command"], k8s_env(where, container), container.get("workingDir"), ports, urls
-    )
+    command = container["command"] + container.get("args", [])
+    return Container(where, command, k8s_env(where, container), container.get("workingDir"), ports, urls)
 
 
 def container_port(container: dict, port: int | str) -> int:
@@ -290,7 +313,40 @@ def k8s_containers() -> list[Container]:
 
 
 def all_containers() -> list[Container]:
+    """The servers started by a script, in compose and in Kubernetes."""
     return [compose_container(name) for name in SERVICE_SCRIPTS] + k8s_containers()
+
+
+# ---- the model service -------------------------------------------------------------------------
+
+
+def serving_containers() -> list[Container]:
+    return [compose_container(SERVING), k8s_container(SERVING)]
+
+
+def serving_args(container: Container) -> argparse.Namespace:
+    """A model service container's flags as `python -m serving` parses them (one it rejects fails)."""
+    from serving.__main__ import parse
+
+    assert container.command[:3] == SERVING_COMMAND, f"{container.where}: command should be python -m serving"
+    try:
+        return parse(container.command[3:])
+    except SystemExit:
+        raise AssertionError(
+            f"{container.where}: python -m serving rejects {container.command[3:]}"
+        ) from None
+
+
+@cache
+def served_routes() -> frozenset[str]:
+    """The paths the model service's FastAPI app answers (built over a folder source, never started)."""
+    from pipeline.config import ServeConfig
+    from pipeline.serving.service import ModelService
+    from pipeline.serving.sources import FolderSource
+    from serving.app import create_app
+
+    service = ModelService(ServeConfig(), 1, FolderSource("model", Path("/nonexistent")))
+    return frozenset(route.path for route in create_app(service, 1.0).routes)
 
 
 # ---- both: scripts, environment, ports -----------------------------------------------------------
@@ -321,16 +377,17 @@ def test_every_script_a_command_names_exists_and_is_executable():
 
 
 def test_every_variable_set_for_a_server_is_read_by_its_script_or_its_tool():
-    for container in all_containers():
-        (script,) = container.command
+    for container in all_containers() + serving_containers():
+        program = " ".join(container.command[:3])
         for name in container.env:
             known = (
-                script_reads(script, name)
+                own_reads(container, name)
                 or name in AWS_VARIABLES
                 or name.startswith(("MLFLOW_", "PREFECT_"))
-                or (script.endswith("start-worker.sh") and (name in PIPELINE_ENV or name in code_text()))
             )
-            assert known, f"{container.where}: {name} is read neither by {script} nor by its tool"
+            assert known, f"{container.where}: {name} is read neither by {program} nor by its tool"
+    for container in all_containers():
+        (script,) = container.command
         missing = required_variables(script) - set(container.env)
         assert not missing, f"{container.where}: {script} requires {sorted(missing)}, not set"
 
@@ -384,9 +441,11 @@ def test_the_worker_reaches_mlflow_and_prefect_by_service_name_and_port():
 
 
 def test_mlflow_accepts_the_host_headers_its_clients_send():
+    compose_clients = [compose_container("prefect-worker"), compose_container(SERVING)]
+    k8s_clients = [k8s_container("prefect-worker"), k8s_container(SERVING)]
     for container, clients in [
-        (compose_container("mlflow"), [compose_container("prefect-worker").env["MLFLOW_TRACKING_URI"]]),
-        (k8s_container("mlflow"), [k8s_container("prefect-worker").env["MLFLOW_TRACKING_URI"]]),
+        (compose_container("mlflow"), [c.env["MLFLOW_TRACKING_URI"] for c in compose_clients]),
+        (k8s_container("mlflow"), [c.env["MLFLOW_TRACKING_URI"] for c in k8s_clients]),
     ]:
         allowed = container.env["MLFLOW_ALLOWED_HOSTS"].split(",")
         clients.append(f"http://localhost:{effective(container, SERVICE_SCRIPTS['mlflow'], '--port')}")
@@ -446,10 +505,9 @@ def test_tool_variables_are_settings_of_the_installed_tools():
 
     collect(Settings.model_json_schema())
     checked = 0
-    for container in all_containers():
-        (script,) = container.command
+    for container in all_containers() + serving_containers():
         for name in container.env:
-            if script_reads(script, name) or name in PIPELINE_ENV or name in code_text():
+            if own_reads(container, name):
                 continue
             checked += name.startswith(("MLFLOW_", "PREFECT_"))
             if name.startswith("MLFLOW_"):
@@ -459,11 +517,79 @@ def test_tool_variables_are_settings_of_the_installed_tools():
     assert checked, "no MLFLOW_ or PREFECT_ variable was left to check against the installed tools"
 
 
+def test_the_model_service_runs_python_m_serving_on_serve_port_on_all_interfaces():
+    serve = params().serve
+    for container in serving_containers():
+        args = serving_args(container)
+        assert args.host == "0.0.0.0", f"{container.where}: --host {args.host}; a container needs 0.0.0.0"
+        port = serve.port if args.port is None else args.port
+        assert port == serve.port, f"{container.where}: --port {port}, params.yaml serve.port {serve.port}"
+        assert container.ports == {serve.port}, f"{container.where}: exposes {container.ports}, not {port}"
+        assert args.model_dir is None, f"{container.where}: serves the registry's champion, not --model-dir"
+        params_file = Path(container.workdir or "/", args.params)
+        assert params_file == Path(WORKSPACE, "params.yaml"), (
+            f"{container.where}: reads {params_file}, not the checkout's params.yaml"
+        )
+    assert compose_ports(SERVING) == [(serve.port, serve.port)], (
+        f"infra/compose.yaml services.{SERVING}: publish serve.port {serve.port} as itself"
+    )
+
+
+@pytest.mark.slow
+def test_the_model_service_health_checks_are_routes_of_its_app_on_serve_port():
+    routes, port = served_routes(), params().serve.port
+    assert {READY_PATH, LIVE_PATH, METRICS_PATH} <= routes, f"serving/app.py answers {sorted(routes)}"
+    for container in serving_containers():
+        assert container.health_urls, f"{container.where}: no health check"
+        for url in container.health_urls:
+            parts = urlsplit(url)
+            assert parts.port == port and parts.path in routes, (
+                f"{container.where}: health check {url} is not a route of serving/app.py on port {port}"
+            )
+    compose_health = compose_container(SERVING).health_urls
+    assert compose_health == [f"http://127.0.0.1:{port}{READY_PATH}"], (
+        f"infra/compose.yaml services.{SERVING}: healthy only once the champion is ready, {READY_PATH}"
+    )
+
+
+def test_the_model_service_reads_the_registry_of_the_mlflow_service_and_waits_for_it():
+    mlflow_port = int(effective(compose_container("mlflow"), SERVICE_SCRIPTS["mlflow"], "--port"))
+    compose_uri = urlsplit(compose_container(SERVING).env["MLFLOW_TRACKING_URI"])
+    assert (compose_uri.hostname, compose_uri.port) == ("mlflow", mlflow_port), (
+        f"infra/compose.yaml services.{SERVING}: MLFLOW_TRACKING_URI should be http://mlflow:{mlflow_port}"
+    )
+    waits = services()[SERVING].get("depends_on") or {}
+    assert waits.get("mlflow", {}).get("condition") == "service_healthy", (
+        f"infra/compose.yaml services.{SERVING}: depends_on mlflow with condition service_healthy"
+    )
+    k8s_serving = k8s_container(SERVING)
+    uri = urlsplit(k8s_serving.env["MLFLOW_TRACKING_URI"])
+    assert uri.hostname in of_kind("Service"), f"{k8s_serving.where}: MLFLOW_TRACKING_URI names no Service"
+    service_port, deployment, target = service_target(uri.hostname)
+    assert (deployment, uri.port) == ("mlflow", service_port), (
+        f"{k8s_serving.where}: MLFLOW_TRACKING_URI should reach Deployment mlflow on port {service_port}"
+    )
+    assert target == int(effective(k8s_container("mlflow"), SERVICE_SCRIPTS["mlflow"], "--port"))
+
+
+def test_the_model_service_gets_models_through_the_mlflow_server_and_no_s3_credentials():
+    assert re.search(r"^\s*--serve-artifacts$", text(REPO_ROOT / SERVICE_SCRIPTS["mlflow"]), re.M), (
+        "mlflow/start-server.sh no longer proxies artifacts: the model service would need S3 access"
+    )
+    for server in (compose_container("mlflow"), k8s_container("mlflow")):
+        assert server.env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://"), f"{server.where}: artifacts"
+    for container in serving_containers():
+        s3 = sorted(name for name in container.env if name.startswith("AWS_") or CREDENTIALS.search(name))
+        assert not s3, (
+            f"{container.where}: {s3}; the MLflow server proxies the artifacts, no S3 access needed"
+        )
+
+
 # ---- compose only ------------------------------------------------------------------------------
 
 
 def test_compose_has_the_backends_and_waits_for_what_each_service_talks_to():
-    assert set(services()) == {"postgres", "minio", "minio-init", *SERVICE_SCRIPTS}
+    assert set(services()) == {"postgres", "minio", "minio-init", *SERVICE_SCRIPTS, SERVING}
     for name, spec in services().items():
         for other, condition in (spec.get("depends_on") or {}).items():
             condition = condition["condition"]
@@ -579,7 +705,10 @@ def test_s3_clients_reach_minio_on_its_api_port():
 
 def test_compose_publishes_the_ui_ports_the_readme_names():
     published = {c: p for s in services() for p, c in compose_ports(s)}
-    assert {5000, 4200, 9000, 9001} <= set(published), f"infra/compose.yaml: published {published}"
+    serve_port = params().serve.port
+    assert {5000, 4200, 9000, 9001, serve_port} <= set(published), (
+        f"infra/compose.yaml: published {published}"
+    )
     assert all(published[c] == c for c in published), (
         f"infra/compose.yaml: publish each port as itself (infra/README.md's URLs): {published}"
     )
@@ -588,8 +717,11 @@ def test_compose_publishes_the_ui_ports_the_readme_names():
         "infra/compose.yaml services.prefect-server: PREFECT_UI_API_URL names an unpublished port"
     )
     readme = text(INFRA / "README.md")
-    for port in (5000, 4200, 9001):
+    for port in (5000, 4200, 9001, serve_port):
         assert f"localhost:{port}" in readme, f"infra/README.md: where to open localhost:{port}"
+        assert f"http://localhost:{port}" in text(COMPOSE_FILE), (
+            f"infra/compose.yaml: its header names {port}"
+        )
 
 
 def test_compose_credentials_are_interpolated_placeholders_documented_in_env_example():
@@ -636,7 +768,7 @@ def test_k8s_credentials_come_from_secrets_documented_in_the_readme():
         for key, value in configmap["data"].items():
             assert isinstance(value, str), f"{file} ConfigMap {name}: {key} must be a quoted string"
             assert not CREDENTIALS.search(key), f"{file} ConfigMap {name}: {key} belongs in a Secret"
-    for container in k8s_containers():
+    for container in k8s_containers() + [k8s_container(SERVING)]:
         for name, value in container.env.items():
             if CREDENTIALS.search(name):
                 assert value.startswith("secret:"), f"{container.where}: {name} must come from a Secret"
