@@ -17,13 +17,14 @@ error's status. Paths follow tensorflow_serving/g3doc/api_rest.md:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -36,6 +37,8 @@ from pipeline.serving.metrics import CONTENT_TYPE
 from pipeline.serving.service import ModelService
 
 VERSION_HEADER = "X-Model-Version"
+
+log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -119,6 +122,11 @@ def create_app(service: ModelService, max_body_mb: float, poll: bool = True) -> 
     async def refused(_: Request, exc: ServingError) -> JSONResponse:
         return error(exc.status, str(exc))
 
+    @app.exception_handler(Exception)
+    async def crashed(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return error(500, f"internal error ({exc.__class__.__name__}); see the service log")
+
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
         return error(exc.status_code, str(exc.detail))
@@ -147,6 +155,14 @@ def create_app(service: ModelService, max_body_mb: float, poll: bool = True) -> 
     async def predict_label(request: Request, name: str, label: str) -> Response:
         return await predict(request, name, None, label)
 
+    @app.get("/v1/models/{name}:predict")
+    @app.get("/v1/models/{name}/versions/{version}:predict")
+    @app.get("/v1/models/{name}/labels/{label}:predict")
+    async def predict_needs_post() -> Response:
+        response = error(405, "predict takes POST with a JSON body, not GET")
+        response.headers["Allow"] = "POST"
+        return response
+
     @app.get("/v1/models/{name}")
     async def model_status(name: str) -> dict[str, Any]:
         return service.status(name)
@@ -168,7 +184,7 @@ def create_app(service: ModelService, max_body_mb: float, poll: bool = True) -> 
         return service.metadata(name, label=label)
 
     @app.post("/predict")
-    async def upload(request: Request, top_k: int | None = None) -> Response:
+    async def upload(request: Request, top_k: Annotated[int | None, Query(ge=1, le=1000)] = None) -> Response:
         try:
             body = await read_body(request, max_body_mb)
         except ClientDisconnect:
@@ -180,7 +196,15 @@ def create_app(service: ModelService, max_body_mb: float, poll: bool = True) -> 
             return {"type": "http.request", "body": body, "more_body": False}
 
         limit = service.cfg.max_instances + 1  # one over: the service names the limit
-        form = await Request(request.scope, replay).form(max_files=limit, max_fields=16)
+        try:
+            form = await Request(request.scope, replay).form(max_files=limit, max_fields=16)
+        except HTTPException as refused:  # Starlette's own limits and parse errors
+            if "Too many files" in str(refused.detail):
+                raise ServingError(
+                    f"more than {service.cfg.max_instances} files; the limit is serve.max_instances = "
+                    f"{service.cfg.max_instances}"
+                ) from None
+            raise ServingError(f"the multipart body cannot be read: {refused.detail}") from None
         files = []
         for index, (_, value) in enumerate(form.multi_items()):
             if not isinstance(value, UploadFile):

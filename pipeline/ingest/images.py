@@ -67,6 +67,8 @@ def inspect_image(data: bytes, path: str, label: str, max_pixels: int) -> Manife
         return replace(base, error="empty: file has 0 bytes")
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:  # Pillow's own guard, raised from the header
+        return replace(base, error=f"oversize: {error}; not decoded")
     except (UnidentifiedImageError, OSError, ValueError) as error:
         return replace(base, error=f"{failure_reason(data, error)}: Pillow cannot open it ({error})")
     with image:

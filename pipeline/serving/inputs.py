@@ -111,8 +111,8 @@ def parse_predict(body: bytes, max_instances: int) -> PredictRequest:
         raise ServingError('the request body is empty; send JSON like {"instances": [{"b64": "..."}]}')
     try:
         request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ServingError(f"the request body is not JSON ({error})") from None
+    except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, nested or numbers too deep
+        raise ServingError(f"the request body is not JSON we can read ({str(error)[:200]})") from None
     if not isinstance(request, dict):
         raise ServingError(f'expected a JSON object with "instances" or "inputs", got {_shape(request)}')
     signature = request.get("signature_name", "serving_default")
@@ -152,6 +152,10 @@ def check_image(data: bytes, max_pixels: int, index: int | None = None, name: st
         raise ServingError(f"{where}: empty (0 bytes)")
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:  # Pillow's own guard, far above max_pixels
+        raise ServingError(
+            f"{where}: too many pixels, over ingest.max_pixels {max_pixels} ({error})"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         reason = failure_reason(data, error)
         what = {"not_an_image": "not an image", "truncated": "a truncated image"}.get(reason, "undecodable")
