@@ -37,7 +37,7 @@ drift-demo: $(STAMP) ## land a brightened batch of digits and run the drift-chec
 # Two pytest-xdist workers, each taking whole test files (module-scoped servers start once per file).
 TEST_WORKERS ?= 2
 
-test: $(STAMP) ## run the test suite (installs PostgreSQL from Debian packages first when it is missing)
+test: $(STAMP) ## run the test suite (installs PostgreSQL and Chromium from Debian packages first when missing)
 	infra/scripts/install-postgres.sh
 	python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 

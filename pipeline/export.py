@@ -69,6 +69,32 @@ def export_savedmodel(model, class_names: list[str], image_size: int, target: Pa
     archive.write_out(str(target), verbose=False)
 
 
+def write_tf_serving_layout(savedmodel: Path, target: Path, model_name: str, version: int) -> Path:
+    """`<target>/<model name>/<version>/` (a copy of the SavedModel) and `<target>/models.config`.
+
+    This is the folder a real `tensorflow_model_server` serves (README: Serving):
+    the versioned base path, and a model config whose version label `stable`
+    points at this export. Returns the version folder.
+    """
+    if target.exists():
+        shutil.rmtree(target)
+    folder = target / model_name / str(version)
+    shutil.copytree(savedmodel, folder)
+    (target / "models.config").write_text(
+        "model_config_list {\n"
+        "  config {\n"
+        f'    name: "{model_name}"\n'
+        f'    base_path: "/models/{model_name}"\n'
+        '    model_platform: "tensorflow"\n'
+        f"    model_version_policy {{ specific {{ versions: {version} }} }}\n"
+        f'    version_labels {{ key: "stable" value: {version} }}\n'
+        "  }\n"
+        "}\n",
+        encoding="utf-8",
+    )
+    return folder
+
+
 def _representative(images: np.ndarray) -> Callable[[], Iterator[list[np.ndarray]]]:
     def generate() -> Iterator[list[np.ndarray]]:
         for image in images:
@@ -154,6 +180,12 @@ def run(cfg: PipelineConfig, paths: StagePaths) -> ExportResult:
     calibration = load_files(image_files(calibration_rows, paths.root), size)
 
     export_savedmodel(model, names, size, paths.savedmodel)
+    # TF Serving wants integer versions, newest highest; the registry's version is only known at
+    # register, so the export's time in seconds orders exports the way TF Serving's own docs do.
+    version = int(time.time())
+    served_folder = write_tf_serving_layout(
+        paths.savedmodel, paths.tf_serving, cfg.mlflow.registered_model, version
+    )
     served = savedmodel_predict(paths.savedmodel, [f.read_bytes() for f in image_files(test, paths.root)])
     paths.tflite.mkdir(parents=True, exist_ok=True)
     variants = {}
@@ -170,6 +202,12 @@ def run(cfg: PipelineConfig, paths: StagePaths) -> ExportResult:
             "agreement_with_keras": float((served["probabilities"].argmax(axis=1) == keras_predicted).mean()),
         },
         "tflite": variants,
+        "tf_serving": {
+            "model_name": cfg.mlflow.registered_model,
+            "version": version,
+            "path": paths.relative(served_folder),
+            "config": paths.relative(paths.tf_serving / "models.config"),
+        },
     }
     write_report(report, paths.export_report)
     with tracking.resume_run(cfg.mlflow, paths):

@@ -139,6 +139,11 @@ class StagePaths:
         return self.models / "savedmodel"
 
     @property
+    def tf_serving(self) -> Path:
+        """The SavedModel in TF Serving's layout: <model name>/<version>/ and models.config."""
+        return self.models / "serving"
+
+    @property
     def tflite(self) -> Path:
         return self.models / "tflite"
 

@@ -64,15 +64,18 @@ class ServingProject:
         return image_files(read_split(self.paths, "test"), self.root)
 
 
-def write_params(root: Path, *extra: dict[str, Any]) -> Path:
-    """The repo's params.yaml with OVERRIDES and `extra` merged in, written to root/params.yaml."""
+def write_params(root: Path, *extra: dict[str, Any], name: str = "params.yaml") -> Path:
+    """The repo's params.yaml with OVERRIDES and `extra` merged in, written to root/<name>.
+
+    A service started with `--params root/<name>` uses root's MLflow store whatever the name.
+    """
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     merge(raw, yaml.safe_load(yaml.safe_dump(OVERRIDES)))
     for part in extra:
         merge(raw, yaml.safe_load(yaml.safe_dump(part)))
     root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    return root / "params.yaml"
+    (root / name).write_text(yaml.safe_dump(raw, sort_keys=False))
+    return root / name
 
 
 def build_project(

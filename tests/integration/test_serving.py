@@ -23,11 +23,11 @@ from PIL import Image
 from tests.serving_support import (
     ServingProject,
     b64,
-    build_project,
     evaluate_predictions,
     register,
     running_service,
     set_alias,
+    write_params,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -37,16 +37,15 @@ SERVE = {"batch_timeout_ms": 25, "max_batch_size": 32, "max_body_mb": 1, "poll_s
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> ServingProject:
-    root = tmp_path_factory.mktemp("serving") / "project"
-    built = build_project(root, extra=({"ingest": {"max_pixels": MAX_PIXELS}, "serve": SERVE},))
-    register(built, "champion")
-    return built
+def project(serving_project: ServingProject) -> ServingProject:
+    return serving_project
 
 
 @pytest.fixture(scope="module")
 def service(project: ServingProject):
-    with running_service(project.params) as running:
+    folder = {"source": "folder", "folder": {"path": str(project.root)}}
+    limits = {"ingest": {**folder, "max_pixels": MAX_PIXELS}, "serve": SERVE}
+    with running_service(write_params(project.root, limits, name="params-small-limits.yaml")) as running:
         running.wait_ready()
         yield running
 

@@ -30,9 +30,7 @@ from tests.serving_support import (
     Service,
     ServingProject,
     b64,
-    build_project,
     evaluate_predictions,
-    register,
     running_service,
 )
 
@@ -68,10 +66,8 @@ class Case:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> ServingProject:
-    built = build_project(tmp_path_factory.mktemp("bad-input") / "project")
-    register(built, "champion")
-    return built
+def project(serving_project: ServingProject) -> ServingProject:
+    return serving_project
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Error, Page, expect, sy
 from tests.serving_support import (
     Service,
     ServingProject,
-    build_project,
     evaluate_predictions,
-    register,
     running_service,
 )
 
@@ -46,10 +44,8 @@ class Visit:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> ServingProject:
-    built = build_project(tmp_path_factory.mktemp("serving-page") / "project")
-    register(built, "champion")
-    return built
+def project(serving_project: ServingProject) -> ServingProject:
+    return serving_project
 
 
 @pytest.fixture(scope="module")

@@ -140,3 +140,32 @@ def test_export_report_lists_every_variant(exported: Exported) -> None:
         assert row["agreement_with_keras"] >= MIN_AGREEMENT[variant]
     assert report["tflite"]["int8"]["size_bytes"] < report["tflite"]["float32"]["size_bytes"]
     assert report["savedmodel"]["agreement_with_keras"] == 1.0
+
+
+def test_the_tf_serving_layout_holds_the_savedmodel_under_an_integer_version_with_a_labelled_config(
+    exported: Exported,
+) -> None:
+    import re
+
+    from pipeline.serving.model import ServableVersion
+
+    cfg, paths = exported.project.cfg, exported.project.paths
+    name = cfg.mlflow.registered_model
+    report = json.loads(paths.export_report.read_text())["tf_serving"]
+    versions = [p.name for p in (paths.tf_serving / name).iterdir()]
+    assert versions == [str(report["version"])] and versions[0].isdigit()
+    folder = paths.tf_serving / name / versions[0]
+    assert (folder / "saved_model.pb").is_file() and (folder / "variables").is_dir()
+    assert report["path"] == paths.relative(folder)
+
+    config = (paths.tf_serving / "models.config").read_text()
+    assert re.search(rf'name: "{name}"', config) and re.search(rf'base_path: "/models/{name}"', config)
+    assert re.search(rf"versions: {versions[0]}\b", config)
+    assert re.search(rf'version_labels {{ key: "stable" value: {versions[0]} }}', config)
+    assert config.count("{") == config.count("}")
+
+    test = read_split(paths, "test")
+    served = ServableVersion.load(name, versions[0], folder).predict(
+        [f.read_bytes() for f in image_files(test, paths.root)]
+    )
+    assert np.abs(served["probabilities"] - exported.served["probabilities"]).max() < 1e-6
