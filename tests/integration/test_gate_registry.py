@@ -36,6 +36,9 @@ def project(tmp_path, make_config):
             "min_macro_f1": 0.8,
             "min_margin_over_baseline": -1.0,
             "max_int8_accuracy_drop": 0.1,
+            # The registry's side of the gate is under test here, four times over; the serving smoke
+            # test has its own tests (tests/integration/test_serving.py) and runs in the flow tests.
+            "serving_smoke_test": False,
         },
         "mlflow": {"registered_model": "gate-test"},
     }
