@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     configure_logging()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a download is one log line
     args = parse(argv)
     try:
         cfg = load_config(args.params)
