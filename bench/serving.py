@@ -79,7 +79,12 @@ def wait_for(url: str, process: subprocess.Popen[bytes], timeout: float = 300.0)
 
 
 def start(command: list[str], ready: str, root: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")  # the project's store
     with log.open("wb") as sink:
         process = subprocess.Popen(
             command, cwd=root, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True

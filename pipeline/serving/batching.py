@@ -3,7 +3,9 @@
 A request's images join a queue; one worker thread per model version takes
 the first waiting request, then keeps taking requests until the batch holds
 `max_batch_size` images or `timeout_ms` has passed since that first request,
-calls the model once on all of them, and hands each request its rows. A
+calls the model once on all of them, and hands each request its rows. It
+waits only while other requests are on their way (`arriving`: being read and
+checked, not yet queued), so a lone request is not delayed by the timeout. A
 timeout of 0 turns batching off: every request calls the model on its own, in
 its own thread.
 """
@@ -50,6 +52,7 @@ class Batcher:
         timeout_ms: how long the first request of a batch waits for others; 0 disables batching.
         observe: called after each model call with its images, requests and seconds.
         name: for the worker thread's name.
+        arriving: how many requests are on their way to `submit` now (None: always wait).
     """
 
     def __init__(
@@ -59,7 +62,9 @@ class Batcher:
         timeout_ms: float,
         observe: BatchObserver | None = None,
         name: str = "model",
+        arriving: Callable[[], int] | None = None,
     ) -> None:
+        self._arriving = arriving or (lambda: 1)
         self._call = call
         self.max_batch_size = max_batch_size
         self.timeout = timeout_ms / 1000.0
@@ -109,6 +114,8 @@ class Batcher:
             batch, size = [first], len(first.images)
             deadline = time.monotonic() + self.timeout
             while size < self.max_batch_size:
+                if self._queue.empty() and self._arriving() <= 0:
+                    break  # nobody else is coming: waiting would only add latency
                 try:
                     item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
                 except queue.Empty:

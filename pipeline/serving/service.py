@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -107,6 +109,8 @@ class ModelService:
         self._failed_at: dict[str, float] = {}
         self._poll_error = ""
         self._polled = False
+        self._arriving = 0  # requests being read and checked, not yet handed to a batcher
+        self._arriving_lock = threading.Lock()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
 
@@ -193,6 +197,7 @@ class ModelService:
                 version, images, requests, secs
             ),
             name=f"{self.name}-{version}",
+            arriving=lambda: self._arriving,
         )
         self._states[version] = VersionState("AVAILABLE")
         self.metrics.model_loads.labels(version).inc()
@@ -313,7 +318,6 @@ class ModelService:
                         f"instance {index}: the model's image decoder cannot read it ({message})"
                     ) from None
             raise
-        self.metrics.observe_predictions(served.version, [inputs.text(c) for c in outputs["predicted_class"]])
         return outputs
 
     def predict(
@@ -324,11 +328,29 @@ class ModelService:
         Raises:
             ServingError: 400 for a bad request or image, 404 or 503 from `resolve`.
         """
+        served, request = self.prepare(name, body, version, label)
+        return self.answer(served, request, self.run(served, request.images))
+
+    def prepare(
+        self, name: str, body: bytes, version: str | None = None, label: str | None = None
+    ) -> tuple[Served, inputs.PredictRequest]:
+        """The first half of `predict`: the version it asks for, and its images read and checked.
+
+        Raises:
+            ServingError: 400 for a bad request or image, 404 or 503 from `resolve`.
+        """
         served = self.resolve(name, version, label)
-        request = inputs.parse_predict(body, self.cfg.max_instances)
-        for index, image in enumerate(request.images):
-            inputs.check_image(image, self.max_pixels, index)
-        outputs = self.run(served, request.images)
+        with self._on_the_way():
+            request = inputs.parse_predict(body, self.cfg.max_instances)
+            for index, image in enumerate(request.images):
+                inputs.check_image(image, self.max_pixels, index)
+        return served, request
+
+    def answer(
+        self, served: Served, request: inputs.PredictRequest, outputs: dict[str, np.ndarray]
+    ) -> tuple[dict[str, Any], str]:
+        """The second half of `predict`: the model's outputs as TF Serving's answer, and the version."""
+        self.metrics.observe_predictions(served.version, [inputs.text(c) for c in outputs["predicted_class"]])
         return inputs.response(outputs, request.layout), served.version
 
     def predict_files(self, files: list[tuple[str, bytes]], top_k: int | None = None) -> dict[str, Any]:
@@ -345,9 +367,11 @@ class ModelService:
             raise ServingError(
                 f"{len(files)} files; the limit is serve.max_instances = {self.cfg.max_instances}"
             )
-        for index, (filename, data) in enumerate(files):
-            inputs.check_image(data, self.max_pixels, index, filename)
+        with self._on_the_way():
+            for index, (filename, data) in enumerate(files):
+                inputs.check_image(data, self.max_pixels, index, filename)
         outputs = self.run(served, [data for _, data in files])
+        self.metrics.observe_predictions(served.version, [inputs.text(c) for c in outputs["predicted_class"]])
         k = min(top_k or self.cfg.top_k, outputs["probabilities"].shape[1])
         names = [inputs.text(c) for c in outputs["class_names"][0]]
         predictions = []
@@ -367,6 +391,17 @@ class ModelService:
             "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
             "predictions": predictions,
         }
+
+    @contextmanager
+    def _on_the_way(self) -> Iterator[None]:
+        """Count a request as arriving while it is read and checked (the batcher waits for it)."""
+        with self._arriving_lock:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._arriving_lock:
+                self._arriving -= 1
 
     def observe_request(self, endpoint: str, status: int, version: str | None, seconds: float) -> None:
         """Count one answered request (called by the HTTP layer for every response)."""
