@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
-from tests.serving_support import ServingProject, build_project, register
+from tests.serving_support import Service, ServingProject, build_project, register, running_service
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +18,11 @@ def serving_project(tmp_path_factory: pytest.TempPathFactory) -> ServingProject:
     built = build_project(tmp_path_factory.mktemp("serving") / "project")
     register(built, "champion")
     return built
+
+
+@pytest.fixture(scope="module")
+def champion_service(serving_project: ServingProject) -> Iterator[Service]:
+    """`python -m serving` on `serving_project`'s params (the committed defaults), ready; one per module."""
+    with running_service(serving_project.params) as running:
+        running.wait_ready()
+        yield running

@@ -31,7 +31,6 @@ from tests.serving_support import (
     ServingProject,
     b64,
     evaluate_predictions,
-    running_service,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -71,10 +70,8 @@ def project(serving_project: ServingProject) -> ServingProject:
 
 
 @pytest.fixture(scope="module")
-def service(project: ServingProject) -> Iterator[Service]:
-    with running_service(project.params) as running:
-        running.wait_ready()
-        yield running
+def service(champion_service: Service) -> Service:
+    return champion_service
 
 
 @pytest.fixture(scope="module")
