@@ -65,8 +65,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $@
 
 lint: $(STAMP)
-	ruff check pipeline flows tests bench
-	ruff format --check pipeline flows tests bench
+	ruff check pipeline flows serving tests bench
+	ruff format --check pipeline flows serving tests bench
 
 typecheck: $(STAMP)
 	mypy

@@ -474,7 +474,8 @@ class ServeConfig(Section):
     max_body_mb: float = Field(16.0, gt=0.0)  # larger request bodies get 413
     max_instances: int = Field(256, ge=1)  # images in one request; more get 400
     top_k: int = Field(3, ge=1)  # classes per image in POST /predict and on the page
-    warmup_requests: int = Field(3, ge=0)  # calls on a new version before it serves (and is ready)
+    warmup_requests: int = Field(3, ge=1)  # calls on a new version before it serves (and is ready)
+    max_request_pixels: int = Field(40_000_000, ge=1)  # decoded pixels in one request, and in one batch
     cache: Path = Path(".cache/serving")  # downloaded SavedModels: <cache>/<model>/<version>/
     smoke_test_images: int = Field(50, ge=1)  # test images the gate's serving smoke test sends
     smoke_test_timeout_seconds: float = Field(180.0, gt=0.0)  # for the candidate to load and answer

@@ -157,11 +157,15 @@ def download_savedmodel(model_name: str, version: str, cache: Path) -> Path:
             )
         except (OSError, mlflow.exceptions.MlflowException) as error:
             raise PipelineError(
-                f"{model_name} version {version} (run {run_id}) has no '{SAVEDMODEL_ARTIFACT}' artifact "
-                f"({error.__class__.__name__}); retrain it with this version of the pipeline, whose "
-                "export stage logs one"
+                f"could not download '{SAVEDMODEL_ARTIFACT}' of {model_name} version {version} (run "
+                f"{run_id}): {error.__class__.__name__}: {str(error)[:200]}. If the run has no such "
+                "artifact, retrain it with this version of the pipeline, whose export stage logs one"
             ) from None
-        Path(folder).rename(target)
+        try:
+            Path(folder).rename(target)
+        except OSError:  # another process (a second worker) put it there first
+            if not target.is_dir():
+                raise
     return target
 
 

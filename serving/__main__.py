@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
+from pydantic import ValidationError
+
+from pipeline.config import ServeConfig, load_config
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.logs import configure_logging
 
 ENV = "PIPELINE_SERVE_ARGS"  # the settings handed to each uvicorn worker process
@@ -55,7 +57,9 @@ def app_from_environment() -> Any:
     settings = json.loads(os.environ[ENV])
     params = Path(settings["params"])
     cfg = load_config(params)
-    cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update=settings["serve"])})
+    cfg = cfg.model_copy(
+        update={"serve": ServeConfig.model_validate({**cfg.serve.model_dump(), **settings["serve"]})}
+    )
     name = settings["model_name"] or cfg.mlflow.registered_model
     if settings["model_dir"]:
         source: Any = FolderSource(name, Path(settings["model_dir"]), settings["model_version"])
@@ -79,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
         cfg = load_config(args.params)
-        serve = cfg.serve.model_copy(update=overrides(args))
+        try:
+            serve = ServeConfig.model_validate({**cfg.serve.model_dump(), **overrides(args)})
+        except ValidationError as error:
+            raise ConfigError(
+                f"a serve option is out of range: {error.errors()[0]['loc'][0]}: {error.errors()[0]['msg']}"
+            ) from None
         if args.model_dir is not None and not args.model_dir.is_dir():
             raise PipelineError(f"--model-dir {args.model_dir} is not a folder; export a model (make run)")
     except PipelineError as error:

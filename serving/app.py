@@ -17,7 +17,6 @@ error's status. Paths follow tensorflow_serving/g3doc/api_rest.md:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -38,7 +37,6 @@ from pipeline.serving.metrics import CONTENT_TYPE
 from pipeline.serving.service import ModelService
 
 VERSION_HEADER = "X-Model-Version"
-INLINE_BYTES = 64 * 1024  # smaller predict bodies are read and checked on the event loop, no thread hop
 
 log = logging.getLogger(__name__)
 
@@ -142,19 +140,8 @@ def create_app(service: ModelService, max_body_mb: float, poll: bool = True) -> 
             body = await read_body(request, max_body_mb)
         except ClientDisconnect:
             return Response(status_code=499)  # nobody reads it; counted as 499 like nginx does
-        if len(body) > INLINE_BYTES:  # decoding a large image would hold up the event loop
-            served, parsed = await run_in_threadpool(service.prepare, name, body, version, label)
-        else:
-            served, parsed = service.prepare(name, body, version, label)
-        if served.batcher.enabled:  # wait for the shared model call without holding a thread
-            try:
-                outputs = await asyncio.wrap_future(served.batcher.submit(parsed.images))
-            except Exception:  # the service's own path names the image the model could not read
-                outputs = await run_in_threadpool(service.run, served, parsed.images)
-        else:
-            outputs = await run_in_threadpool(service.run, served, parsed.images)
-        result, version_served = service.answer(served, parsed, outputs)
-        return JSONResponse(result, headers={VERSION_HEADER: version_served})
+        result, served = await service.predict_async(name, body, version, label)
+        return JSONResponse(result, headers={VERSION_HEADER: served})
 
     @app.post("/v1/models/{name}:predict")
     async def predict_stable(request: Request, name: str) -> Response:
@@ -183,6 +170,10 @@ def create_app(service: ModelService, max_body_mb: float, poll: bool = True) -> 
     @app.get("/v1/models/{name}/versions/{version}")
     async def version_status(name: str, version: str) -> dict[str, Any]:
         return service.status(name, version)
+
+    @app.get("/v1/models/{name}/labels/{label}")
+    async def label_status(name: str, label: str) -> dict[str, Any]:
+        return service.status(name, label=label)
 
     @app.get("/v1/models/{name}/metadata")
     async def metadata(name: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +33,20 @@ BatchObserver = Callable[[int, int, float], None]  # (images, requests, seconds)
 class _Pending:
     images: list[bytes]
     future: Future[Outputs]
+    pixels: int = 0
+
+
+def _settle(
+    future: Future[Outputs], result: Outputs | None = None, error: BaseException | None = None
+) -> None:
+    """Hand a request its answer, unless it was cancelled (its client went away) meanwhile."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+    except InvalidStateError:  # cancelled, or settled, in between
+        log.debug("a request's answer was dropped: it was cancelled")
 
 
 def _split(outputs: Outputs, sizes: list[int]) -> list[Outputs]:
@@ -49,6 +63,8 @@ class Batcher:
     Args:
         call: the model on a list of encoded images; returns arrays with one row per image.
         max_batch_size: images in one call (a single larger request still runs whole).
+        max_batch_pixels: decoded pixels in one call (the images' width x height summed), so that
+            large images are not decoded 32 at a time; a request over it runs alone.
         timeout_ms: how long the first request of a batch waits for others; 0 disables batching.
         observe: called after each model call with its images, requests and seconds.
         name: for the worker thread's name.
@@ -63,12 +79,15 @@ class Batcher:
         observe: BatchObserver | None = None,
         name: str = "model",
         arriving: Callable[[], int] | None = None,
+        max_batch_pixels: int | None = None,
     ) -> None:
+        self.max_batch_pixels = max_batch_pixels or 2**62
         self._arriving = arriving or (lambda: 1)
         self._call = call
         self.max_batch_size = max_batch_size
         self.timeout = timeout_ms / 1000.0
         self._observe = observe or (lambda images, requests, seconds: None)
+        self._name = name
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._closed = False
         self._lock = threading.Lock()  # a request is queued before the closing marker, or runs alone
@@ -81,17 +100,20 @@ class Batcher:
     def enabled(self) -> bool:
         return self._worker is not None
 
-    def run(self, images: list[bytes]) -> Outputs:
+    def run(self, images: list[bytes], pixels: int = 0) -> Outputs:
         """The outputs for `images`, computed alone or in a shared batch; blocks until done."""
-        return self.submit(images).result()
+        return self.submit(images, pixels).result()
 
-    def submit(self, images: list[bytes]) -> Future[Outputs]:
-        """Queue `images`; the future holds their rows of the outputs (or the model's exception)."""
+    def submit(self, images: list[bytes], pixels: int = 0) -> Future[Outputs]:
+        """Queue `images` (`pixels` decoded pixels in all); the future holds their rows of the outputs.
+
+        The future fails with the model's exception when the call fails.
+        """
         future: Future[Outputs] = Future()
         with self._lock:
             queued = self._worker is not None and not self._closed
             if queued:
-                self._queue.put(_Pending(images, future))
+                self._queue.put(_Pending(images, future, pixels))
         if not queued:
             self._run_alone(images, future)
         return future
@@ -101,34 +123,41 @@ class Batcher:
         try:
             outputs = self._call(images)
         except Exception as error:  # handed to the request, which turns it into its answer
-            future.set_exception(error)
+            _settle(future, error=error)
             return
-        self._observe(len(images), 1, time.perf_counter() - started)
-        future.set_result(outputs)
+        self._safely_observe(len(images), 1, time.perf_counter() - started)
+        _settle(future, outputs)
 
     def _loop(self) -> None:
         while True:
             first = self._queue.get()
             if first is None:
                 return
-            batch, size = [first], len(first.images)
-            deadline = time.monotonic() + self.timeout
-            while size < self.max_batch_size:
-                if self._queue.empty() and self._arriving() <= 0:
-                    break  # nobody else is coming: waiting would only add latency
-                try:
-                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
-                except queue.Empty:
-                    break
-                if item is None:  # closing: finish this batch, then stop
-                    self._queue.put(None)
-                    break
-                if size + len(item.images) > self.max_batch_size:
-                    self._run([item])  # too big to join: on its own, before the batch waits longer
-                    continue
-                batch.append(item)
-                size += len(item.images)
-            self._run(batch)
+            try:
+                self._collect_and_run(first)
+            except Exception:  # never let the worker die: every later request would wait forever
+                log.exception("the batcher of %s failed collecting a batch (a bug)", self._name)
+
+    def _collect_and_run(self, first: _Pending) -> None:
+        batch, size, pixels = [first], len(first.images), first.pixels
+        deadline = time.monotonic() + self.timeout
+        while size < self.max_batch_size and pixels < self.max_batch_pixels:
+            if self._queue.empty() and self._arriving() <= 0:
+                break  # nobody else is coming: waiting would only add latency
+            try:
+                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                break
+            if item is None:  # closing: finish this batch, then stop
+                self._queue.put(None)
+                break
+            if size + len(item.images) > self.max_batch_size or pixels + item.pixels > self.max_batch_pixels:
+                self._run([item])  # too big to join: on its own, before the batch waits longer
+                continue
+            batch.append(item)
+            size += len(item.images)
+            pixels += item.pixels
+        self._run(batch)
 
     def _run(self, batch: list[_Pending]) -> None:
         if len(batch) == 1:
@@ -143,9 +172,15 @@ class Batcher:
             for item in batch:
                 self._run_alone(item.images, item.future)
             return
-        self._observe(len(images), len(batch), time.perf_counter() - started)
+        self._safely_observe(len(images), len(batch), time.perf_counter() - started)
         for item, part in zip(batch, _split(outputs, [len(i.images) for i in batch]), strict=True):
-            item.future.set_result(part)
+            _settle(item.future, part)
+
+    def _safely_observe(self, images: int, requests: int, seconds: float) -> None:
+        try:
+            self._observe(images, requests, seconds)
+        except Exception:  # metrics must never cost a request its answer
+            log.exception("observing a model call failed")
 
     def close(self) -> None:
         """Finish what is queued, then stop the worker; later requests run alone. Idempotent."""

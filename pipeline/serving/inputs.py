@@ -33,7 +33,8 @@ from pipeline.ingest.images import failure_reason
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 INPUT_NAME = "image_bytes"  # the serving signature's one input (pipeline/export.py)
-FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP")  # what the model's decoder (tf.io.decode_image) reads
+# What the model's decoder (tf.io.decode_image) reads; MPO is a JPEG with extra images (phone photos).
+FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP")
 
 Layout = Literal["row", "columnar"]
 
@@ -67,6 +68,7 @@ class PredictRequest:
 
     images: list[bytes]
     layout: Layout
+    pixels: int = 0  # width x height summed over the images, once checked
 
 
 def _where(index: int | None, name: str | None = None) -> str:
@@ -141,8 +143,11 @@ def parse_predict(body: bytes, max_instances: int) -> PredictRequest:
     return PredictRequest([decode_b64(value, index) for index, value in enumerate(values)], layout)
 
 
-def check_image(data: bytes, max_pixels: int, index: int | None = None, name: str | None = None) -> None:
+def check_image(data: bytes, max_pixels: int, index: int | None = None, name: str | None = None) -> int:
     """Refuse bytes that are not one whole image the model's decoder reads, or that are too large.
+
+    Returns:
+        The image's pixels (width x height).
 
     Raises:
         ServingError: (400) naming the instance (or file) and the problem.
@@ -175,6 +180,7 @@ def check_image(data: bytes, max_pixels: int, index: int | None = None, name: st
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             what = "a truncated image" if failure_reason(data, error) == "truncated" else "undecodable"
             raise ServingError(f"{where}: {what} ({error})") from None
+    return int(width * height)
 
 
 def text(value: Any) -> str:

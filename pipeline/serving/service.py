@@ -14,6 +14,8 @@ one serving and is shown UNAVAILABLE, with the reason, in the status endpoint.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -32,7 +34,7 @@ from pipeline.serving import inputs
 from pipeline.serving.batching import Batcher
 from pipeline.serving.inputs import NotFound, NotReady, ServingError
 from pipeline.serving.metrics import ServingMetrics
-from pipeline.serving.model import LoadFailed, ServableVersion
+from pipeline.serving.model import ServableVersion
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,15 @@ class ModelService:
 
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
-            self.poll_once()
+            try:
+                self.poll_once()
+            except Exception as error:  # keep polling: a dead poller would never swap again
+                self._poll_error = (
+                    f"polling {self.source.describe()} failed: {error.__class__.__name__}: {error}"
+                )
+                log.exception(
+                    "polling %s failed; trying again in %gs", self.source.describe(), self.cfg.poll_seconds
+                )
             self._stop.wait(self.cfg.poll_seconds)
 
     def poll_once(self) -> None:
@@ -180,7 +190,7 @@ class ModelService:
         try:
             folder = self.source.fetch(version)
             servable = ServableVersion.load(self.name, version, folder, self.cfg.warmup_requests)
-        except (PipelineError, LoadFailed) as error:
+        except Exception as error:  # PipelineError, LoadFailed, a disk or network error: all the same here
             self._failed_at[version] = time.monotonic()
             self._states[version] = VersionState("UNAVAILABLE", str(error))
             self.metrics.model_load_failures.labels(version).inc()
@@ -198,6 +208,7 @@ class ModelService:
             ),
             name=f"{self.name}-{version}",
             arriving=lambda: self._arriving,
+            max_batch_pixels=self.cfg.max_request_pixels,
         )
         self._states[version] = VersionState("AVAILABLE")
         self.metrics.model_loads.labels(version).inc()
@@ -222,12 +233,14 @@ class ModelService:
 
     def ready(self) -> tuple[bool, str]:
         """Whether `stable` is loaded and warmed up, and why not."""
-        if STABLE in self._labels:
-            return True, f"{self.name} version {self._labels[STABLE].version} is ready"
-        loading = [v for v, s in self._states.items() if s.state == "LOADING"]
+        stable = self._labels.get(STABLE)  # the poller swaps these dicts' entries: read each once
+        if stable is not None:
+            return True, f"{self.name} version {stable.version} is ready"
+        states = list(self._states.items())
+        loading = [v for v, s in states if s.state == "LOADING"]
         if loading:
             return False, f"{self.name} version {loading[0]} is loading"
-        failed = [s.error for s in self._states.values() if s.state == "UNAVAILABLE"]
+        failed = [s.error for _, s in states if s.state == "UNAVAILABLE"]
         if failed:
             return False, f"no version of {self.name} could be loaded: {failed[-1]}"
         if self._poll_error:
@@ -244,10 +257,18 @@ class ModelService:
         if name != self.name:
             raise NotFound(f"Servable not found: unknown model {name!r}; this service serves {self.name!r}")
 
-    def status(self, name: str, version: str | None = None) -> dict[str, Any]:
-        """`GET /v1/models/{name}[/versions/N]`: each known version's state, newest first."""
+    def status(self, name: str, version: str | None = None, label: str | None = None) -> dict[str, Any]:
+        """`GET /v1/models/{name}[/versions/N | /labels/L]`: each known version's state, newest first.
+
+        Raises:
+            NotFound: an unknown model, version or label, or no version known yet (as TF Serving).
+        """
         self._check_name(name)
         states = dict(self._states)
+        if label is not None:
+            version = self.resolve(name, label=label).version
+        if not states:
+            raise NotFound(f"{name} has no version loaded or loading yet: {self.ready()[1]}")
         if version is not None:
             if version not in states:
                 raise NotFound(f"{name} has no version {version} known to this service: {sorted(states)}")
@@ -300,14 +321,14 @@ class ModelService:
 
     # -- predictions -----------------------------------------------------------------------------
 
-    def run(self, served: Served, images: list[bytes]) -> dict[str, np.ndarray]:
+    def run(self, served: Served, images: list[bytes], pixels: int = 0) -> dict[str, np.ndarray]:
         """The served version's outputs on checked images (batched with other requests).
 
         Raises:
             ServingError: (400) naming the image the model's decoder could not read.
         """
         try:
-            outputs = served.batcher.run(images)
+            outputs = served.batcher.run(images, pixels)
         except tf.errors.InvalidArgumentError:
             for index, image in enumerate(images):  # which one: call each alone
                 try:
@@ -329,7 +350,23 @@ class ModelService:
             ServingError: 400 for a bad request or image, 404 or 503 from `resolve`.
         """
         served, request = self.prepare(name, body, version, label)
-        return self.answer(served, request, self.run(served, request.images))
+        return self.answer(served, request, self.run(served, request.images, request.pixels))
+
+    async def predict_async(
+        self, name: str, body: bytes, version: str | None = None, label: str | None = None
+    ) -> tuple[dict[str, Any], str]:
+        """`predict` for an asyncio server: reading and checking run in a thread (decoding may be
+        slow), and a batched request waits for its shared model call without holding a thread.
+        """
+        served, request = await asyncio.to_thread(self.prepare, name, body, version, label)
+        if served.batcher.enabled:
+            try:
+                outputs = await asyncio.wrap_future(served.batcher.submit(request.images, request.pixels))
+            except Exception:  # `run` names the image the model could not read, or raises as it is
+                outputs = await asyncio.to_thread(self.run, served, request.images, request.pixels)
+        else:
+            outputs = await asyncio.to_thread(self.run, served, request.images, request.pixels)
+        return self.answer(served, request, outputs)
 
     def prepare(
         self, name: str, body: bytes, version: str | None = None, label: str | None = None
@@ -342,9 +379,20 @@ class ModelService:
         served = self.resolve(name, version, label)
         with self._on_the_way():
             request = inputs.parse_predict(body, self.cfg.max_instances)
-            for index, image in enumerate(request.images):
-                inputs.check_image(image, self.max_pixels, index)
-        return served, request
+            pixels = self._checked_pixels([(image, None) for image in request.images])
+        return served, dataclasses.replace(request, pixels=pixels)
+
+    def _checked_pixels(self, images: list[tuple[bytes, str | None]]) -> int:
+        """Check each image (named by index, or file name); their pixels summed, within the budget."""
+        total = 0
+        for index, (image, filename) in enumerate(images):
+            total += inputs.check_image(image, self.max_pixels, index, filename)
+        if total > self.cfg.max_request_pixels:
+            raise ServingError(
+                f"the request's {len(images)} images hold {total} pixels together, over "
+                f"serve.max_request_pixels {self.cfg.max_request_pixels}; send fewer or smaller images"
+            )
+        return total
 
     def answer(
         self, served: Served, request: inputs.PredictRequest, outputs: dict[str, np.ndarray]
@@ -368,9 +416,8 @@ class ModelService:
                 f"{len(files)} files; the limit is serve.max_instances = {self.cfg.max_instances}"
             )
         with self._on_the_way():
-            for index, (filename, data) in enumerate(files):
-                inputs.check_image(data, self.max_pixels, index, filename)
-        outputs = self.run(served, [data for _, data in files])
+            pixels = self._checked_pixels([(data, filename) for filename, data in files])
+        outputs = self.run(served, [data for _, data in files], pixels)
         self.metrics.observe_predictions(served.version, [inputs.text(c) for c in outputs["predicted_class"]])
         k = min(top_k or self.cfg.top_k, outputs["probabilities"].shape[1])
         names = [inputs.text(c) for c in outputs["class_names"][0]]

@@ -42,12 +42,16 @@ class RegistrySource:
     """
 
     def __init__(self, cfg: PipelineConfig, root: Path, model_name: str | None = None) -> None:
-        tracking.configure(cfg.mlflow, root)
+        self.cfg, self.root = cfg, root
         self.model_name = model_name or cfg.mlflow.registered_model
         self.cache = cfg.serve.cache if cfg.serve.cache.is_absolute() else root / cfg.serve.cache
-        self.uri = mlflow.get_tracking_uri()
+        self.uri = tracking.tracking_uri(root)
+        self._configured = False
 
     def wanted(self) -> dict[str, str]:
+        if not self._configured:  # at the first poll, not at start: an unreachable server means 503
+            tracking.configure(self.cfg.mlflow, self.root)
+            self.uri, self._configured = mlflow.get_tracking_uri(), True
         found = {label: registry.aliased(self.model_name, alias) for label, alias in LABELS.items()}
         return {label: model.version for label, model in found.items() if model is not None}
 

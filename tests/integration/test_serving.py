@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -33,7 +34,13 @@ from tests.serving_support import (
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 MAX_PIXELS = 100_000  # ingest.max_pixels of this project: a 400x400 image is over it
-SERVE = {"batch_timeout_ms": 25, "max_batch_size": 32, "max_body_mb": 1, "poll_seconds": 0.5}
+SERVE = {
+    "batch_timeout_ms": 25,
+    "max_batch_size": 32,
+    "max_body_mb": 1,
+    "poll_seconds": 0.5,
+    "max_request_pixels": 150_000,  # two 300x300 images (90,000 pixels each, under MAX_PIXELS) are over it
+}
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +139,7 @@ def test_every_refusal_has_its_status_and_names_the_problem(project, service):
         (predict, json.dumps({"instances": [b64(b"<html>hello</html>")]}).encode(), 400, "not an image"),
         (predict, json.dumps({"instances": [b64(good[: len(good) // 2])]}).encode(), 400, "truncated"),
         (predict, json.dumps({"instances": [b64(png(400, 400))]}).encode(), 400, "max_pixels"),
+        (predict, json.dumps({"instances": [b64(png(300, 300))] * 2}).encode(), 400, "max_request_pixels"),
         (predict, json.dumps({"instances": []}).encode(), 400, "non-empty"),
         (predict, json.dumps({"instances": [b64(good)] * 300}).encode(), 400, "max_instances"),
         ("/v1/models/other:predict", json.dumps({"instances": [b64(good)]}).encode(), 404, "unknown model"),
@@ -236,7 +244,11 @@ def test_with_no_champion_it_waits_then_swaps_versions_under_load_without_a_fail
         def stream(mine: list[str]) -> None:
             with service.client() as client:
                 while not stop.is_set():
-                    answer = client.post(f"/v1/models/{name}:predict", json={"instances": [b64(image)]})
+                    try:
+                        answer = client.post(f"/v1/models/{name}:predict", json={"instances": [b64(image)]})
+                    except httpx.HTTPError as error:  # a refused or dropped connection is a failure too
+                        failures.append(repr(error))
+                        continue
                     if answer.status_code != 200:
                         failures.append(answer.text)
                     else:
