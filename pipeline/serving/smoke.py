@@ -63,6 +63,17 @@ def _get(url: str, timeout: float) -> int | None:
         return None
 
 
+def _load_error(base: str, name: str) -> str | None:
+    """The reason the served version could not load (its status says UNAVAILABLE), else None."""
+    try:
+        with _direct.open(f"{base}/v1/models/{name}", timeout=2.0) as answer:
+            versions = json.loads(answer.read()).get("model_version_status", [])
+    except (OSError, ValueError):
+        return None
+    failed = [v["status"]["error_message"] for v in versions if v.get("state") == "UNAVAILABLE"]
+    return failed[0] if failed else None
+
+
 def _tail(log_file: Path, lines: int = 8) -> str:
     try:
         text = log_file.read_text(errors="replace").strip().splitlines()
@@ -114,6 +125,9 @@ def run(cfg: PipelineConfig, paths: StagePaths) -> SmokeResult:
                     return SmokeResult(
                         None, count, f"the service exited with code {child.returncode}: {_tail(log_file)}"
                     )
+                failed = _load_error(base, name)
+                if failed is not None:  # it will not load however long we wait
+                    return SmokeResult(None, count, f"the service could not load it: {failed}")
                 if time.monotonic() - started > timeout:
                     return SmokeResult(
                         None,

@@ -228,8 +228,11 @@ def test_with_no_champion_it_waits_then_swaps_versions_under_load_without_a_fail
     image = project.test_files()[0].read_bytes()
     with running_service(project.params, "--model-name", name, model=name) as service:
         with service.client() as client:
-            ready = client.get("/v2/health/ready")
-            assert ready.status_code == 503 and "make run" in ready.json()["message"], ready.text
+            deadline = time.monotonic() + 30  # until its first look at the registry has answered
+            while "make run" not in (ready := client.get("/v2/health/ready")).text:
+                assert ready.status_code == 503 and time.monotonic() < deadline, ready.text
+                time.sleep(0.2)
+            assert ready.status_code == 503, ready.text
             refused = client.post(f"/v1/models/{name}:predict", json={"instances": [b64(image)]})
             assert refused.status_code == 503 and "make run" in refused.json()["error"]
 
