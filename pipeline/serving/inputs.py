@@ -143,7 +143,17 @@ def parse_predict(body: bytes, max_instances: int) -> PredictRequest:
     return PredictRequest([decode_b64(value, index) for index, value in enumerate(values)], layout)
 
 
-def check_image(data: bytes, max_pixels: int, index: int | None = None, name: str | None = None) -> int:
+class DecodeElsewhere(Exception):
+    """An image larger than the caller's `decode_limit`: check it where a slow decode blocks no one."""
+
+
+def check_image(
+    data: bytes,
+    max_pixels: int,
+    index: int | None = None,
+    name: str | None = None,
+    decode_limit: int | None = None,
+) -> int:
     """Refuse bytes that are not one whole image the model's decoder reads, or that are too large.
 
     Returns:
@@ -151,6 +161,7 @@ def check_image(data: bytes, max_pixels: int, index: int | None = None, name: st
 
     Raises:
         ServingError: (400) naming the instance (or file) and the problem.
+        DecodeElsewhere: before decoding an image of more than `decode_limit` pixels.
     """
     where = _where(index, name)
     if not data:
@@ -171,6 +182,8 @@ def check_image(data: bytes, max_pixels: int, index: int | None = None, name: st
             raise ServingError(
                 f"{where}: {width}x{height} = {width * height} pixels exceeds ingest.max_pixels {max_pixels}"
             )
+        if decode_limit is not None and width * height > decode_limit:
+            raise DecodeElsewhere(where)
         if image.format not in FORMATS:
             raise ServingError(
                 f"{where}: {image.format} is not served; send a JPEG, PNG, BMP, GIF or WebP file"

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 STABLE, CANARY = "stable", "canary"
 RETRY_FAILED_SECONDS = 300.0  # a version that failed to load is tried again no sooner than this
+# predict_async reads and checks a request on the event loop (no thread hop) when its body is this
+# small and no image has more pixels than this (a decode of well under a millisecond); else in a thread.
+INLINE_BODY_BYTES = 64 * 1024
+INLINE_IMAGE_PIXELS = 256 * 256
 
 
 class Source(Protocol):
@@ -355,10 +359,15 @@ class ModelService:
     async def predict_async(
         self, name: str, body: bytes, version: str | None = None, label: str | None = None
     ) -> tuple[dict[str, Any], str]:
-        """`predict` for an asyncio server: reading and checking run in a thread (decoding may be
-        slow), and a batched request waits for its shared model call without holding a thread.
+        """`predict` for an asyncio server: a batched request waits for its shared model call without
+        holding a thread, and only small requests of small images are read and checked on the loop.
         """
-        served, request = await asyncio.to_thread(self.prepare, name, body, version, label)
+        try:
+            if len(body) > INLINE_BODY_BYTES:
+                raise inputs.DecodeElsewhere("a large body")
+            served, request = self.prepare(name, body, version, label, decode_limit=INLINE_IMAGE_PIXELS)
+        except inputs.DecodeElsewhere:
+            served, request = await asyncio.to_thread(self.prepare, name, body, version, label)
         if served.batcher.enabled:
             try:
                 outputs = await asyncio.wrap_future(served.batcher.submit(request.images, request.pixels))
@@ -369,7 +378,12 @@ class ModelService:
         return self.answer(served, request, outputs)
 
     def prepare(
-        self, name: str, body: bytes, version: str | None = None, label: str | None = None
+        self,
+        name: str,
+        body: bytes,
+        version: str | None = None,
+        label: str | None = None,
+        decode_limit: int | None = None,
     ) -> tuple[Served, inputs.PredictRequest]:
         """The first half of `predict`: the version it asks for, and its images read and checked.
 
@@ -379,14 +393,14 @@ class ModelService:
         served = self.resolve(name, version, label)
         with self._on_the_way():
             request = inputs.parse_predict(body, self.cfg.max_instances)
-            pixels = self._checked_pixels([(image, None) for image in request.images])
+            pixels = self._checked_pixels([(image, None) for image in request.images], decode_limit)
         return served, dataclasses.replace(request, pixels=pixels)
 
-    def _checked_pixels(self, images: list[tuple[bytes, str | None]]) -> int:
+    def _checked_pixels(self, images: list[tuple[bytes, str | None]], decode_limit: int | None = None) -> int:
         """Check each image (named by index, or file name); their pixels summed, within the budget."""
         total = 0
         for index, (image, filename) in enumerate(images):
-            total += inputs.check_image(image, self.max_pixels, index, filename)
+            total += inputs.check_image(image, self.max_pixels, index, filename, decode_limit)
         if total > self.cfg.max_request_pixels:
             raise ServingError(
                 f"the request's {len(images)} images hold {total} pixels together, over "
