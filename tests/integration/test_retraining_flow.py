@@ -49,7 +49,7 @@ def project_with_a_champion(tmp_path: Path):
     return root, cfg, client, client.get_model_version_by_alias("flow-test", "champion")
 
 
-def test_a_drifted_labelled_batch_retrains_and_the_better_model_is_promoted(tmp_path: Path, monkeypatch):
+def test_a_drifted_labelled_batch_retrains_and_the_better_model_is_promoted(tmp_path: Path):
     root, cfg, client, first = project_with_a_champion(tmp_path)
 
     val = read_split(StagePaths.from_config(cfg.paths, root), "val")
@@ -70,11 +70,14 @@ def test_a_drifted_labelled_batch_retrains_and_the_better_model_is_promoted(tmp_
     def crash(**_):
         raise RuntimeError("worker lost")
 
-    monkeypatch.setattr(retraining, "training_flow", crash)
-    crashed = drift_check_flow(root=str(root), settle_seconds=0, overrides=overrides, return_state=True)
+    # Its own patch context: monkeypatch.undo() would also undo the autouse fixture's removal of
+    # MLFLOW_TRACKING_URI, and a value left in this worker's environment would then point the next
+    # check at another store (it found "no champion" once under pytest-xdist).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(retraining, "training_flow", crash)
+        crashed = drift_check_flow(root=str(root), settle_seconds=0, overrides=overrides, return_state=True)
     assert crashed.is_failed() and "worker lost" in crashed.message
     assert bright.is_dir() and tree_digest(bright) == bright_digest
-    monkeypatch.undo()
     # ...while the batches it finished with were moved aside: the unlabelled one kept for labelling.
     archive = root / "data" / "landing_archive"
     assert (archive / "awaiting_labels" / "bright-unlabelled").is_dir() and not unlabelled.exists()
