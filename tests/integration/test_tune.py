@@ -21,6 +21,7 @@ from typing import Any
 import mlflow
 import optuna
 import pytest
+import sqlalchemy
 from optuna.trial import TrialState
 
 from pipeline.config import load_config, parse_config, with_overrides
@@ -231,6 +232,8 @@ def test_a_killed_run_resumes_the_study_and_its_running_trial_is_retried(project
         try:
             trials = local_study(project).get_trials(states=(TrialState.RUNNING,))
         except KeyError:  # the study is not created yet
+            continue
+        except sqlalchemy.exc.OperationalError:  # the tuning process is creating the tables right now
             continue
         running = [trial for trial in trials if trial.number >= 1 and trial.intermediate_values]
         if running:
