@@ -7,11 +7,13 @@ trials train 2 short epochs, so a trial takes a few seconds.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,7 +23,6 @@ from typing import Any
 import mlflow
 import optuna
 import pytest
-import sqlalchemy
 from optuna.trial import TrialState
 
 from pipeline.config import load_config, parse_config, with_overrides
@@ -100,6 +101,27 @@ def finish(process: subprocess.Popen[str], timeout: float = 300) -> str:
 
 def local_study(root: Path, name: str = "image-classifier-tuning") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{root / '.cache/tune/optuna.db'}")
+
+
+def running_trials_with_an_epoch(database: Path) -> list[int]:
+    """Numbers of RUNNING trials that reported an epoch, read without writing anything.
+
+    Optuna's storage creates and stamps its tables when opened; opening it while the tuning
+    process does the same races on them (IntegrityError on alembic_version, once under xdist).
+    A read-only SQLite connection cannot create anything, so polling never interferes.
+    """
+    if not database.is_file():
+        return []
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)) as db:
+            rows = db.execute(
+                "SELECT DISTINCT t.number FROM trials t"
+                " JOIN trial_intermediate_values v ON v.trial_id = t.trial_id"
+                " WHERE t.state = 'RUNNING'"
+            ).fetchall()
+    except sqlite3.OperationalError:  # no tables yet, or locked while being written
+        return []
+    return sorted(number for (number,) in rows)
 
 
 def tracking(root: Path) -> mlflow.MlflowClient:
@@ -227,23 +249,15 @@ def test_a_killed_run_resumes_the_study_and_its_running_trial_is_retried(project
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         time.sleep(0.2)
-        if not (project / ".cache/tune/optuna.db").is_file():  # loading would create it
-            continue
-        try:
-            trials = local_study(project).get_trials(states=(TrialState.RUNNING,))
-        except KeyError:  # the study is not created yet
-            continue
-        except sqlalchemy.exc.OperationalError:  # the tuning process is creating the tables right now
-            continue
-        running = [trial for trial in trials if trial.number >= 1 and trial.intermediate_values]
-        if running:
+        running = running_trials_with_an_epoch(project / ".cache/tune/optuna.db")
+        if [number for number in running if number >= 1]:
             break
     else:
         process.kill()
         pytest.fail(f"no second trial got to an epoch:\n{process.communicate()[0][-3000:]}")
     os.kill(process.pid, signal.SIGKILL)  # the machine dies mid-trial
     process.communicate()
-    killed = running[0]
+    (killed,) = [t for t in local_study(project).trials if t.number == min(n for n in running if n >= 1)]
     assert local_study(project).trials[killed.number].state == TrialState.RUNNING
 
     finish(start_tune(project))
