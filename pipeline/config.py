@@ -479,6 +479,18 @@ class ServeConfig(Section):
     cache: Path = Path(".cache/serving")  # downloaded SavedModels: <cache>/<model>/<version>/
     smoke_test_images: int = Field(50, ge=1)  # test images the gate's serving smoke test sends
     smoke_test_timeout_seconds: float = Field(180.0, gt=0.0)  # for the candidate to load and answer
+    # The loop (pipeline/serving/loop.py): prediction log -> landing batches -> drift check -> retraining.
+    log_dir: Path = Path("data/served")  # prediction log (log/*.jsonl) and stored images (images/)
+    log_sample: float = Field(1.0, ge=0.0, le=1.0)  # fraction of requests logged; 0 logs nothing
+    store_images: bool = True  # keep the images (needed to cut landing batches); false: hashes only
+    log_roll_mb: float = Field(64.0, gt=0.0)  # a log file is closed and a new one started at this size
+    log_roll_minutes: float = Field(60.0, gt=0.0)  # ... or at this age
+    log_fsync_seconds: float = Field(1.0, ge=0.0)  # fsync the log this often (0: before every response)
+    batch_images: int = Field(200, ge=1)  # served images per landing batch
+    batch_minutes: float = Field(60.0, gt=0.0)  # ... or a batch of what came, at this age
+    shadow_fraction: float = Field(0.1, ge=0.0, le=1.0)  # requests also scored by the challenger
+    max_shadow_images: int = Field(256, ge=1)  # shadow images waiting at once; more are skipped
+    feedback_window: int = Field(100_000, ge=1)  # logged images a feedback label can still find
 
 
 class PipelineConfig(Section):

@@ -96,6 +96,11 @@ def aliased(model_name: str, alias: str) -> RegisteredModel | None:
         ) from None
 
 
+def version(model_name: str, number: str) -> RegisteredModel:
+    """One registered version by its number."""
+    return _describe(mlflow.MlflowClient().get_model_version(model_name, number))
+
+
 def champion(model_name: str) -> RegisteredModel | None:
     """The registry's current champion, or None when there is none."""
     return aliased(model_name, CHAMPION)

@@ -36,6 +36,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, help="serve.max_batch_size")
     parser.add_argument("--batch-timeout-ms", type=float, help="serve.batch_timeout_ms (0: no batching)")
     parser.add_argument("--poll-seconds", type=float, help="serve.poll_seconds")
+    parser.add_argument("--log-sample", type=float, help="serve.log_sample (0: no prediction log)")
+    parser.add_argument("--shadow-fraction", type=float, help="serve.shadow_fraction")
     parser.add_argument("--model-dir", type=Path, help="serve this SavedModel folder instead of the registry")
     parser.add_argument("--model-name", help="registered model to serve (default mlflow.registered_model)")
     parser.add_argument("--model-version", default="1", help="the version it serves as (with --model-dir)")
@@ -43,12 +45,22 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("host", "port", "workers", "max_batch_size", "batch_timeout_ms", "poll_seconds")
+    keys = (
+        "host",
+        "port",
+        "workers",
+        "max_batch_size",
+        "batch_timeout_ms",
+        "poll_seconds",
+        "log_sample",
+        "shadow_fraction",
+    )
     return {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
 
 
 def app_from_environment() -> Any:
     """The app of one uvicorn worker, from the settings `main` put in the environment."""
+    from pipeline.serving.loop import ServingLoop
     from pipeline.serving.service import ModelService
     from pipeline.serving.sources import FolderSource, RegistrySource
     from serving.app import create_app
@@ -61,11 +73,13 @@ def app_from_environment() -> Any:
         update={"serve": ServeConfig.model_validate({**cfg.serve.model_dump(), **settings["serve"]})}
     )
     name = settings["model_name"] or cfg.mlflow.registered_model
+    root = params.resolve().parent
     if settings["model_dir"]:
         source: Any = FolderSource(name, Path(settings["model_dir"]), settings["model_version"])
     else:
-        source = RegistrySource(cfg, params.resolve().parent, name)
-    service = ModelService(cfg.serve, cfg.ingest.max_pixels, source)
+        source = RegistrySource(cfg, root, name)
+    loop = ServingLoop(cfg, root, name) if cfg.serve.log_sample > 0 else None
+    service = ModelService(cfg.serve, cfg.ingest.max_pixels, source, loop=loop)
     return create_app(service, cfg.serve.max_body_mb)
 
 

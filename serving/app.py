@@ -9,6 +9,8 @@ error's status. Paths follow tensorflow_serving/g3doc/api_rest.md:
     POST /v1/models/{name}/labels/{label}:predict      (stable | canary)
     GET  /v1/models/{name}[/versions/{version}]        (model_version_status)
     GET  /v1/models/{name}[/versions/{version}]/metadata
+    POST /v1/feedback                                  (a true label for a logged prediction)
+    GET  /v1/models/{name}/monitoring                  (live quality per version, shadow comparison)
     POST /predict                                      (multipart upload, top-k per file)
     GET  /v2/health/live, /v2/health/ready, /v2/models/{name}/ready
     GET  /metrics                                      (Prometheus)
@@ -17,6 +19,7 @@ error's status. Paths follow tensorflow_serving/g3doc/api_rest.md:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -37,6 +40,7 @@ from pipeline.serving.metrics import CONTENT_TYPE
 from pipeline.serving.service import ModelService
 
 VERSION_HEADER = "X-Model-Version"
+REQUEST_ID_HEADER = "X-Request-Id"
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +145,7 @@ def create_app(service: ModelService, max_body_mb: float, poll: bool = True) -> 
         except ClientDisconnect:
             return Response(status_code=499)  # nobody reads it; counted as 499 like nginx does
         result, served = await service.predict_async(name, body, version, label)
-        return JSONResponse(result, headers={VERSION_HEADER: served})
+        return JSONResponse(result, headers={VERSION_HEADER: served, REQUEST_ID_HEADER: result["request_id"]})
 
     @app.post("/v1/models/{name}:predict")
     async def predict_stable(request: Request, name: str) -> Response:
@@ -215,7 +219,21 @@ def create_app(service: ModelService, max_body_mb: float, poll: bool = True) -> 
                 raise ServingError(f"field {index} is not a file; send the images as file fields")
             files.append((value.filename or f"file {index}", await value.read()))
         result = await run_in_threadpool(service.predict_files, files, top_k)
-        return JSONResponse(result, headers={VERSION_HEADER: result["model_version"]})
+        headers = {VERSION_HEADER: result["model_version"], REQUEST_ID_HEADER: result["request_id"]}
+        return JSONResponse(result, headers=headers)
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> Response:
+        body = await read_body(request, max_body_mb)
+        try:
+            parsed = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as bad:
+            raise ServingError(f"the feedback body is not JSON ({bad})") from None
+        return JSONResponse(await run_in_threadpool(service.feedback, parsed))
+
+    @app.get("/v1/models/{name}/monitoring")
+    async def monitoring(name: str) -> dict[str, Any]:
+        return await run_in_threadpool(service.monitoring, name)
 
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -133,6 +134,7 @@ class DriftReport:
     drift: bool
     detectors: list[DetectorResult]
     skipped_files: dict[str, str] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)  # the service's live figures, for this batch
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,6 +157,36 @@ def decodable_files(batch: Batch, max_pixels: int) -> tuple[list[Path], list[str
     for path in batch.ignored:
         skipped[str(path.relative_to(batch.path))] = "not an image file (by extension)"
     return keep, labels if batch.labelled else None, skipped
+
+
+def class_shares(labels: list[str]) -> dict[str, float]:
+    """Each class's share of `labels`, by class name."""
+    counts = Counter(labels)
+    return {name: round(count / len(labels), 6) for name, count in sorted(counts.items())} if labels else {}
+
+
+def share_distance(a: dict[str, float], b: dict[str, float]) -> float:
+    """Total variation distance between two class distributions (0 same, 1 disjoint)."""
+    return round(0.5 * sum(abs(a.get(c, 0.0) - b.get(c, 0.0)) for c in set(a) | set(b)), 6)
+
+
+def batch_quality(profile: BatchProfile, reference: ReferenceProfile) -> dict[str, Any]:
+    """The figures the service reports live, on one batch: accuracy (labelled), mean top-1 confidence,
+    predicted-class shares against training's (the reference's validation labels: a stratified split)."""
+    predicted = class_shares(list(profile.predicted))
+    training = class_shares(list(reference.profile.labels or []))
+    accuracy = None
+    if profile.labels is not None:
+        accuracy = float(np.mean([p == t for p, t in zip(profile.predicted, profile.labels, strict=True)]))
+    return {
+        "accuracy": accuracy,
+        "labelled": len(profile.labels) if profile.labels is not None else 0,
+        "mean_confidence": round(float(profile.probabilities.max(axis=1).mean()), 6),
+        "reference_test_accuracy": reference.test_accuracy,
+        "predicted_class_share": predicted,
+        "training_class_share": training,
+        "class_share_distance": share_distance(predicted, training) if training else None,
+    }
 
 
 def check_batch(
@@ -183,6 +215,7 @@ def check_batch(
         drift=any(r.drift for r in results),
         detectors=results,
         skipped_files=skipped,
+        quality=batch_quality(profile, reference),
     )
     log.info(
         "batch %s: %s (%s)",

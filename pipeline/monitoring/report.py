@@ -115,6 +115,12 @@ def log_monitoring_run(report: DriftReport, files: tuple[Path, Path], cfg: Mlflo
         for feature, figures in detector.features.items():
             for figure, value in figures.items():
                 metrics[metric_key(detector.name, feature, figure)] = float(value)
+    for figure, value in report.quality.items():  # the figures the service reports live
+        if isinstance(value, dict):
+            for name, share in value.items():
+                metrics[metric_key("quality", figure, name)] = float(share)
+        elif value is not None:
+            metrics[metric_key("quality", figure)] = float(value)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"drift-{report.batch}") as run:
         mlflow.set_tags(
             {"batch": report.batch, "champion": report.champion, "labelled": str(report.labelled)}

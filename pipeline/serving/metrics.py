@@ -71,6 +71,16 @@ class ServingMetrics:
             ["model_version", "label"], registry=r,
         )  # fmt: skip
 
+        self.shadow_images = Counter(
+            f"{PREFIX}_shadow_scored_images", "Images the challenger scored in the shadow of a request.",
+            ["model_version"], registry=r,
+        )  # fmt: skip
+        self.shadow_skipped = Counter(
+            f"{PREFIX}_shadow_skipped_images",
+            "Images not shadow-scored: serve.max_shadow_images were waiting, or the challenger failed.",
+            registry=r,
+        )
+
     def observe_batch(self, version: str, images: int, requests: int, seconds: float) -> None:
         """One model call of `images` images from `requests` requests."""
         self.model_calls.labels(version).inc()

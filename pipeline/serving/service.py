@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ from pipeline.errors import PipelineError
 from pipeline.serving import inputs
 from pipeline.serving.batching import Batcher
 from pipeline.serving.inputs import NotFound, NotReady, ServingError
+from pipeline.serving.loop import ServingLoop, new_request_id
 from pipeline.serving.metrics import ServingMetrics
 from pipeline.serving.model import ServableVersion
 
@@ -67,6 +70,10 @@ class Source(Protocol):
         """What to do when there is no version for `stable` yet."""
         ...
 
+    def reference(self, version: str) -> dict[str, Any] | None:
+        """The version's test accuracy and training class shares (live quality compares with them)."""
+        ...
+
 
 @dataclass
 class VersionState:
@@ -98,16 +105,28 @@ class ModelService:
         max_pixels: larger images are refused (ingest.max_pixels).
         source: where versions come from.
         metrics: the service's metrics (a fresh set when None).
+        loop: the prediction log, feedback, live quality and batches (none: nothing is logged).
     """
 
     def __init__(
-        self, cfg: ServeConfig, max_pixels: int, source: Source, metrics: ServingMetrics | None = None
+        self,
+        cfg: ServeConfig,
+        max_pixels: int,
+        source: Source,
+        metrics: ServingMetrics | None = None,
+        loop: ServingLoop | None = None,
     ) -> None:
         self.cfg = cfg
         self.max_pixels = max_pixels
         self.source = source
         self.name = source.model_name
         self.metrics = metrics or ServingMetrics()
+        self.loop = loop
+        self._shadow_waiting = 0
+        self._shadow_lock = threading.Lock()
+        self._shadow_pool: ThreadPoolExecutor | None = None
+        if loop is not None:
+            self.metrics.registry.register(loop.collector(self.served))
         self._lock = threading.Lock()
         self._labels: dict[str, Served] = {}  # label -> version serving it
         self._loaded: dict[str, Served] = {}  # version -> loaded version (labelled or being released)
@@ -124,6 +143,8 @@ class ModelService:
 
     def start(self, poll: bool = True) -> None:
         """Start the poller (its first poll runs at once), or poll once now when `poll` is False."""
+        if self.loop is not None:
+            self.loop.start()
         if not poll:
             self.poll_once()
             return
@@ -138,6 +159,10 @@ class ModelService:
         with self._lock:
             self._labels = {}
         self._release_unlabelled()
+        if self._shadow_pool is not None:
+            self._shadow_pool.shutdown(wait=True)
+        if self.loop is not None:
+            self.loop.stop()
 
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
@@ -216,6 +241,11 @@ class ModelService:
         )
         self._states[version] = VersionState("AVAILABLE")
         self.metrics.model_loads.labels(version).inc()
+        if self.loop is not None:
+            try:
+                self.loop.set_reference(version, self.source.reference(version))
+            except Exception as error:  # live figures are then shown without the reference
+                log.warning("%s version %s: no reference for live quality (%s)", self.name, version, error)
         log.info("loaded %s version %s from %s", self.name, version, folder)
         self._loaded[version] = Served(servable, batcher, None)
         return self._loaded[version]
@@ -353,8 +383,13 @@ class ModelService:
         Raises:
             ServingError: 400 for a bad request or image, 404 or 503 from `resolve`.
         """
+        started = time.perf_counter()
         served, request = self.prepare(name, body, version, label)
-        return self.answer(served, request, self.run(served, request.images, request.pixels))
+        outputs = self.run(served, request.images, request.pixels)
+        result, version_served, written = self._answered(served, request, outputs, started, "predict")
+        if written is not None:
+            written.result(timeout=60)
+        return result, version_served
 
     async def predict_async(
         self, name: str, body: bytes, version: str | None = None, label: str | None = None
@@ -362,6 +397,7 @@ class ModelService:
         """`predict` for an asyncio server: a batched request waits for its shared model call without
         holding a thread, and only small requests of small images are read and checked on the loop.
         """
+        started = time.perf_counter()
         try:
             if len(body) > INLINE_BODY_BYTES:
                 raise inputs.DecodeElsewhere("a large body")
@@ -375,7 +411,110 @@ class ModelService:
                 outputs = await asyncio.to_thread(self.run, served, request.images, request.pixels)
         else:
             outputs = await asyncio.to_thread(self.run, served, request.images, request.pixels)
-        return self.answer(served, request, outputs)
+        result, version_served, written = self._answered(served, request, outputs, started, "predict")
+        if written is not None:  # the record is in the log before the client has its answer
+            await asyncio.wrap_future(written)
+        self._shadow(result.get("request_id"), served, request.images, request.pixels, outputs)
+        return result, version_served
+
+    def _answered(
+        self,
+        served: Served,
+        request: inputs.PredictRequest,
+        outputs: dict[str, np.ndarray],
+        started: float,
+        endpoint: str,
+    ) -> tuple[dict[str, Any], str, Future[None] | None]:
+        """TF Serving's answer with its request id, and the future of its log records (None: not logged)."""
+        result, version = self.answer(served, request, outputs)
+        request_id = new_request_id()
+        result["request_id"] = request_id
+        return result, version, self._log(request_id, served, request.images, outputs, started, endpoint)
+
+    def _label_of(self, served: Served) -> str | None:
+        if served.label is not None:
+            return served.label
+        return next((label for label, item in self._labels.items() if item.version == served.version), None)
+
+    def _log(
+        self,
+        request_id: str,
+        served: Served,
+        images: list[bytes],
+        outputs: dict[str, np.ndarray],
+        started: float,
+        endpoint: str,
+    ) -> Future[None] | None:
+        if self.loop is None or not self.loop.sampled():
+            return None
+        return self.loop.record_predictions(
+            request_id,
+            served.version,
+            self._label_of(served),
+            endpoint,
+            images,
+            outputs["probabilities"],
+            [inputs.text(c) for c in outputs["class_names"][0]],
+            (time.perf_counter() - started) * 1000.0,
+        )
+
+    def _shadow(
+        self,
+        request_id: str | None,
+        served: Served,
+        images: list[bytes],
+        pixels: int,
+        outputs: dict[str, np.ndarray],
+    ) -> None:
+        """Score a logged `stable` request with the challenger too, off the request path.
+
+        serve.shadow_fraction of them; the challenger's answers are logged when ready, never waited for.
+        """
+        canary = self._labels.get(CANARY)
+        if (
+            self.loop is None
+            or request_id is None
+            or canary is None
+            or canary.version == served.version
+            or self._label_of(served) != STABLE
+            or self.cfg.shadow_fraction <= 0.0
+            or random.random() >= self.cfg.shadow_fraction
+        ):
+            return
+        with self._shadow_lock:
+            if self._shadow_waiting + len(images) > self.cfg.max_shadow_images:
+                self.metrics.shadow_skipped.inc(len(images))
+                return
+            self._shadow_waiting += len(images)
+        loop = self.loop
+        champion_classes = [inputs.text(c) for c in outputs["predicted_class"]]
+
+        def scored(future: Future[dict[str, np.ndarray]]) -> None:
+            with self._shadow_lock:
+                self._shadow_waiting -= len(images)
+            try:
+                shadow = future.result()
+            except Exception as error:
+                self.metrics.shadow_skipped.inc(len(images))
+                log.warning("shadow scoring by %s version %s failed: %s", self.name, canary.version, error)
+                return
+            self.metrics.shadow_images.labels(canary.version).inc(len(images))
+            loop.record_shadow(
+                request_id,
+                canary.version,
+                served.version,
+                champion_classes,
+                shadow["probabilities"],
+                [inputs.text(c) for c in shadow["class_names"][0]],
+            )
+
+        if canary.batcher.enabled:
+            future = canary.batcher.submit(images, pixels)
+        else:
+            if self._shadow_pool is None:
+                self._shadow_pool = ThreadPoolExecutor(1, thread_name_prefix="shadow")
+            future = self._shadow_pool.submit(canary.servable.predict, images)
+        future.add_done_callback(scored)
 
     def prepare(
         self,
@@ -431,27 +570,65 @@ class ModelService:
             )
         with self._on_the_way():
             pixels = self._checked_pixels([(data, filename) for filename, data in files])
-        outputs = self.run(served, [data for _, data in files], pixels)
+        images = [data for _, data in files]
+        outputs = self.run(served, images, pixels)
         self.metrics.observe_predictions(served.version, [inputs.text(c) for c in outputs["predicted_class"]])
+        request_id = new_request_id()
+        written = self._log(request_id, served, images, outputs, started, "upload")
         k = min(top_k or self.cfg.top_k, outputs["probabilities"].shape[1])
         names = [inputs.text(c) for c in outputs["class_names"][0]]
         predictions = []
-        for (filename, _), probabilities in zip(files, outputs["probabilities"], strict=True):
+        for index, ((filename, _), probabilities) in enumerate(
+            zip(files, outputs["probabilities"], strict=True)
+        ):
             order = [int(i) for i in np.argsort(-probabilities)[:k]]
             predictions.append(
                 {
+                    "index": index,
                     "file": filename,
                     "predicted_class": names[order[0]],
                     "top_k": [{"class": names[i], "probability": float(probabilities[i])} for i in order],
                 }
             )
+        latency_ms = round((time.perf_counter() - started) * 1000.0, 3)
+        if written is not None:
+            written.result(timeout=60)
+        self._shadow(request_id, served, images, pixels, outputs)
         return {
             "model_name": self.name,
             "model_version": served.version,
             "label": served.label,
-            "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
+            "request_id": request_id,
+            "latency_ms": latency_ms,
+            "class_names": names,
             "predictions": predictions,
         }
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def feedback(self, body: Any) -> dict[str, Any]:
+        """`POST /v1/feedback`: one `{"id", "index", "label"}` or `{"feedback": [...]}`.
+
+        Raises:
+            NotFound: an id not in the prediction log (404); ServingError: a bad item or class (400).
+        """
+        if self.loop is None:
+            raise NotFound(
+                "this service keeps no prediction log (serve.log_sample is 0); feedback has nowhere to go"
+            )
+        if isinstance(body, dict) and "feedback" in body:
+            items = body["feedback"]
+            if not isinstance(items, list) or not items:
+                raise ServingError('"feedback" must be a non-empty list of {"id", "index", "label"}')
+            return {"feedback": self.loop.feedback(items)}
+        return self.loop.feedback([body])[0]
+
+    def monitoring(self, name: str) -> dict[str, Any]:
+        """`GET /v1/models/{name}/monitoring`: live quality per version, and the shadow comparison."""
+        self._check_name(name)
+        if self.loop is None:
+            raise NotFound("this service keeps no prediction log (serve.log_sample is 0): no live figures")
+        return self.loop.monitoring(self.served())
 
     @contextmanager
     def _on_the_way(self) -> Iterator[None]:

@@ -111,7 +111,11 @@ def run(cfg: PipelineConfig, paths: StagePaths) -> SmokeResult:
     timeout = cfg.serve.smoke_test_timeout_seconds
     with tempfile.TemporaryDirectory(prefix="serving-smoke-") as scratch:
         params, log_file = Path(scratch) / "params.yaml", Path(scratch) / "serving.log"
-        params.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+        settings = cfg.model_dump(mode="json", by_alias=True)
+        settings["serve"]["log_sample"] = (
+            0.0  # a candidate's test traffic is not the product's: no log, no batches
+        )
+        params.write_text(yaml.safe_dump(settings, sort_keys=False))
         port = _free_port()
         command = [sys.executable, "-m", "serving", "--params", str(params), "--host", "127.0.0.1"]
         command += ["--port", str(port), "--model-dir", str(paths.savedmodel), "--model-name", name]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 
@@ -34,6 +37,9 @@ class FolderSource:
     def nothing_to_serve(self) -> str:
         return f"{self.folder} has not loaded"
 
+    def reference(self, version: str) -> dict[str, Any] | None:
+        return None  # a bare folder carries no test accuracy or training distribution
+
 
 class RegistrySource:
     """`mlflow.registered_model`'s `champion` as `stable` and `challenger` as `canary`.
@@ -60,6 +66,24 @@ class RegistrySource:
 
     def describe(self) -> str:
         return f"the registry at {self.uri}"
+
+    def reference(self, version: str) -> dict[str, Any] | None:
+        """The version's test accuracy and class shares, from the drift reference its run recorded.
+
+        The class shares are those of the reference's validation images: the split is stratified,
+        so they are the training split's shares too.
+        """
+        entry = registry.version(self.model_name, version)
+        with registry.drift_reference(entry) as folder:
+            meta = json.loads((folder / "profile.json").read_text(encoding="utf-8"))
+        labels = Counter(meta.get("labels") or [])
+        total = sum(labels.values())
+        return {
+            "test_accuracy": float(meta["test_accuracy"]),
+            "training_class_share": {c: round(n / total, 6) for c, n in sorted(labels.items())}
+            if total
+            else None,
+        }
 
     def nothing_to_serve(self) -> str:
         return (

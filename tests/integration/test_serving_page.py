@@ -4,16 +4,19 @@ One small digits project is trained, registered as champion and served by
 `python -m serving` per module, as in test_serving.py; one headless Chromium
 (Debian's, installed by infra/scripts/install-postgres.sh) drives the page
 through Playwright. Playwright never downloads a browser here: it launches the
-system's `chromium` by path.
+system's `chromium` by path. The feedback tests label a result through the page
+and read what the service counted in `GET /v1/models/{name}/monitoring`.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -94,6 +97,14 @@ def top_k(project: ServingProject, classes: int) -> int:
     return min(project.cfg.serve.top_k, classes)
 
 
+def labels_counted(service: Service, version: str) -> dict[str, Any]:
+    """`version` in the monitoring view: how many of its served images carry a label, and its accuracy."""
+    with service.client() as client:
+        answer = client.get(f"/v1/models/{service.model}/monitoring")
+    assert answer.status_code == 200, answer.text
+    return answer.json()["versions"].get(version, {"labelled": 0, "accuracy": None})
+
+
 def test_an_uploaded_image_shows_the_evaluate_stages_class_its_bars_and_the_model_version(
     project, service, visit
 ):
@@ -169,4 +180,67 @@ def test_a_text_file_shows_the_services_error_naming_the_file_and_no_result(
     refused = [
         e for e in visit.errors if "status of 400" in e and f"/predict?top_k={project.cfg.serve.top_k}" in e
     ]
+    assert len(refused) == 1 and [e for e in visit.errors if e not in refused] == []
+
+
+def test_correct_then_a_chosen_class_labels_a_result_once_and_the_second_is_a_correction(
+    project, service, visit
+):
+    image = project.test_files()[0]
+    expected_classes, probabilities = evaluate_predictions(project)
+    predicted = expected_classes[0]
+    names = [str(i) for i in range(probabilities.shape[1])]  # the digits project's classes 0..n-1
+    other = next(name for name in names if name != predicted)
+
+    with visit.page.expect_response(lambda r: "/predict" in r.url) as answered:
+        visit.upload(image)
+    version = answered.value.json()["model_version"]
+    before = labels_counted(service, version)  # the session's project may carry other modules' labels
+    result = visit.page.locator(".result")
+    expect(result).to_have_count(1, timeout=TIMEOUT_MS)
+    status = result.locator(".feedback-status")
+    expect(status).to_have_text("")
+
+    result.locator(".feedback-correct").click()
+
+    expect(status).to_have_text(f"Thanks: recorded as {predicted}", timeout=TIMEOUT_MS)
+    expect(status).not_to_have_class(re.compile(r"\berror\b"))
+    counted = labels_counted(service, version)
+    assert counted["labelled"] == before["labelled"] + 1
+    right_before = (before["accuracy"] or 0.0) * before["labelled"]
+    assert counted["accuracy"] == pytest.approx((right_before + 1) / counted["labelled"])
+
+    wrong = result.get_by_label("Wrong, it is a")  # the select is labelled, as a screen reader reads it
+    expect(wrong).to_have_class("feedback-select")
+    assert wrong.locator("option").all_inner_texts() == [name for name in names if name != predicted]
+    wrong.select_option(other)
+    result.locator(".feedback-send").click()
+
+    expect(status).to_have_text(f"Thanks: recorded as {other} (correction)", timeout=TIMEOUT_MS)
+    expect(status).not_to_have_class(re.compile(r"\berror\b"))
+    counted = labels_counted(service, version)
+    assert counted["labelled"] == before["labelled"] + 1  # replaced, not added
+    assert counted["accuracy"] == pytest.approx(right_before / counted["labelled"])
+    assert visit.errors == []
+
+
+def test_feedback_the_service_refuses_shows_its_error_on_the_card(project, service, visit):
+    visit.upload(project.test_files()[0])
+    result = visit.page.locator(".result")
+    expect(result).to_have_count(1, timeout=TIMEOUT_MS)
+    # An id the service no longer knows (past serve.feedback_window): the page's own request, re-addressed.
+    forgotten = json.dumps({"id": "no-such-request", "index": 0, "label": "0"})
+    visit.page.route("**/v1/feedback", lambda route: route.continue_(post_data=forgotten))
+
+    with visit.page.expect_response("**/v1/feedback") as answered:
+        result.locator(".feedback-correct").click()
+
+    assert answered.value.status == 404
+    message = answered.value.json()["error"]
+    status = result.locator(".feedback-status")
+    expect(status).to_have_text(message, timeout=TIMEOUT_MS)
+    expect(status).to_have_class(re.compile(r"\berror\b"))
+    expect(result.locator(".feedback-correct")).to_be_enabled()
+    # Chromium logs every 4xx answer to fetch() as a console error; the 404 of /v1/feedback is this test's.
+    refused = [e for e in visit.errors if "status of 404" in e and "/v1/feedback" in e]
     assert len(refused) == 1 and [e for e in visit.errors if e not in refused] == []

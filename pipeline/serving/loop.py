@@ -1,0 +1,629 @@
+"""The service's half of the loop: log what it serves, take feedback, measure live quality, cut batches.
+
+`ServingLoop` sits beside `ModelService`. Every answered prediction becomes a
+record in the prediction log (predlog.py) before its response leaves; shadow
+answers of the challenger and feedback labels become records too. The log is
+the only truth: the in-memory state below (which logged image a feedback
+label belongs to, per-version live quality, the images waiting for a batch)
+is built from its records, those this process writes and those other
+processes (other uvicorn workers, an earlier run) wrote, read by tailing
+their files. So a restarted service, or any worker, answers feedback and
+monitoring for everything in the log.
+
+Batches: once `serve.batch_images` logged images wait (or the oldest waited
+`serve.batch_minutes`), they are copied into the drift check's landing area
+as `served-<time>/<image>` (unlabelled) and, for images with a feedback
+label, `feedback-<time>/<class>/<image>` (labelled): written into a hidden
+folder, then renamed into place, so the drift check sees a batch whole or not
+at all. With `drift.landing_s3` set they are uploaded there instead. One
+process cuts (it holds `<log_dir>/cutter.lock`); a `cut` record tells every
+process which images went where. A crash between the rename and that record
+cuts those images again into the next batch (at least once, never lost).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import random
+import shutil
+import threading
+import time
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from pipeline import s3
+from pipeline.config import PipelineConfig
+from pipeline.monitoring.check import share_distance
+from pipeline.serving.inputs import NotFound, ServingError
+from pipeline.serving.predlog import ImageToLog, PredictionLog, Tail, log_files, now_iso
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, int]  # (request id, image index in the request)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+@dataclass
+class Logged:
+    """What feedback needs to know about one logged image."""
+
+    version: str
+    predicted: str
+    classes: list[str]
+    stored: str | None
+    time: float
+    shadow: tuple[str, str] | None = None  # (challenger version, its predicted class)
+
+
+@dataclass
+class VersionQuality:
+    """Live figures of one version: its served images, their confidence and classes, its feedback."""
+
+    images: int = 0
+    confidence_sum: float = 0.0
+    predicted: Counter[str] = field(default_factory=Counter)
+    labelled: int = 0
+    correct: int = 0
+
+
+@dataclass
+class ShadowPair:
+    """Champion and challenger answers on the same shadowed images, and their feedback."""
+
+    images: int = 0
+    agree: int = 0
+    labelled: int = 0
+    champion_correct: int = 0
+    challenger_correct: int = 0
+
+
+@dataclass
+class Pending:
+    """A logged image waiting for its batch."""
+
+    time: float
+    stored: str
+    label: str | None = None
+
+
+class ServingLoop:
+    """The prediction log, feedback, live quality and batch cutting of one service process.
+
+    Args:
+        cfg: the pipeline's settings (`serve` for the log and batches, `drift` for the landing area).
+        root: the project root relative paths are resolved against.
+        model_name: the served model.
+        cut_batches: cut landing batches (off for a service whose traffic is not the product's).
+    """
+
+    def __init__(self, cfg: PipelineConfig, root: Path, model_name: str, cut_batches: bool = True) -> None:
+        serve = cfg.serve
+        self.cfg, self.serve, self.model_name = cfg, serve, model_name
+        self.folder = serve.log_dir if serve.log_dir.is_absolute() else root / serve.log_dir
+        landing = cfg.drift.landing
+        self.landing = landing if landing.is_absolute() else root / landing
+        self.cut_batches = cut_batches and serve.store_images
+        self._lock = threading.RLock()
+        self._index: OrderedDict[Key, Logged] = OrderedDict()
+        self._labels: dict[Key, str] = {}
+        self._quality: dict[str, VersionQuality] = {}
+        self._shadow: dict[tuple[str, str], ShadowPair] = {}
+        self._references: dict[str, dict[str, Any]] = {}
+        self._unlabelled: OrderedDict[Key, Pending] = OrderedDict()
+        self._labelled: OrderedDict[Key, Pending] = OrderedDict()
+        self._tails: dict[Path, Tail] = {}
+        # feedback and shadow records read before their prediction (another process's file came first)
+        self._early: OrderedDict[Key, list[dict[str, Any]]] = OrderedDict()
+        self._feedback_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._leader: int | None = None
+        self.batches_cut: list[str] = []
+        self.log = PredictionLog(
+            self.folder,
+            serve.store_images,
+            int(serve.log_roll_mb * 1024 * 1024),
+            serve.log_roll_minutes * 60.0,
+            serve.log_fsync_seconds,
+            on_written=self._apply,
+        )
+        self.refresh()  # what earlier runs and other workers logged
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Tail other processes' files and cut batches in a background thread."""
+        self._thread = threading.Thread(target=self._background, name="serving-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.log.close()
+        if self._leader is not None:
+            os.close(self._leader)
+            self._leader = None
+
+    def _background(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self.refresh()
+                if self.cut_batches and self._lead():
+                    self.cut_due()
+            except Exception:  # keep going: the next round tries again
+                log.exception("the serving loop's background round failed")
+
+    def _lead(self) -> bool:
+        """Whether this process cuts batches (it holds the cutter lock; taken over if its holder dies)."""
+        if self._leader is not None:
+            return True
+        fd = os.open(self.folder / "cutter.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._leader = fd
+        return True
+
+    # -- records ---------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Apply the records other processes appended since the last read."""
+        for path in log_files(self.folder):
+            if path in self.log.own_files:
+                continue
+            tail = self._tails.setdefault(path, Tail(path))
+            for record in tail.read():
+                self._apply(record)
+
+    def _apply(self, record: dict[str, Any]) -> None:
+        kind = record.get("kind")
+        with self._lock:
+            if kind == "prediction":
+                self._apply_prediction(record)
+            elif kind == "shadow":
+                self._apply_shadow(record)
+            elif kind == "feedback":
+                self._apply_feedback(record)
+            elif kind == "cut":
+                for request_id, index, label, _ in record["images"]:
+                    pending = self._labelled if record["labelled"] else self._unlabelled
+                    waiting = pending.get((request_id, index))
+                    if waiting is not None and waiting.label == label:
+                        del pending[(request_id, index)]
+
+    def _apply_prediction(self, record: dict[str, Any]) -> None:
+        key = (record["id"], record["index"])
+        logged = Logged(
+            record["version"],
+            record["predicted_class"],
+            list(record["probabilities"]),
+            record.get("stored"),
+            _epoch(record["time"]),
+        )
+        self._index[key] = logged
+        early = self._early.pop(key, [])
+        while len(self._index) > self.serve.feedback_window:
+            old, _ = self._index.popitem(last=False)
+            self._labels.pop(old, None)
+        quality = self._quality.setdefault(logged.version, VersionQuality())
+        quality.images += 1
+        quality.confidence_sum += float(record["confidence"])
+        quality.predicted[logged.predicted] += 1
+        if logged.stored:
+            self._unlabelled[key] = Pending(logged.time, logged.stored)
+        for record in early:
+            self._apply_shadow(record) if record["kind"] == "shadow" else self._apply_feedback(record)
+
+    def _wait_for_prediction(self, key: Key, record: dict[str, Any]) -> None:
+        self._early.setdefault(key, []).append(record)
+        while len(self._early) > self.serve.feedback_window:  # predictions that never come (evicted)
+            self._early.popitem(last=False)
+
+    def _apply_shadow(self, record: dict[str, Any]) -> None:
+        key = (record["id"], record["index"])
+        logged = self._index.get(key)
+        if logged is None:
+            self._wait_for_prediction(key, record)
+            return
+        logged.shadow = (record["version"], record["predicted_class"])
+        pair = self._shadow.setdefault((logged.version, record["version"]), ShadowPair())
+        pair.images += 1
+        pair.agree += int(record["predicted_class"] == logged.predicted)
+        label = self._labels.get(key)
+        if label is not None:
+            self._score_shadow(pair, logged, label, +1)
+
+    def _apply_feedback(self, record: dict[str, Any]) -> None:
+        key = (record["id"], record["index"])
+        logged = self._index.get(key)
+        if logged is None:
+            self._wait_for_prediction(key, record)
+            return
+        previous = self._labels.get(key)
+        self._labels[key] = record["label"]
+        quality = self._quality.setdefault(logged.version, VersionQuality())
+        if previous is None:
+            quality.labelled += 1
+        else:
+            quality.correct -= int(previous == logged.predicted)
+        quality.correct += int(record["label"] == logged.predicted)
+        if logged.shadow is not None:
+            pair = self._shadow.setdefault((logged.version, logged.shadow[0]), ShadowPair())
+            if previous is not None:
+                self._score_shadow(pair, logged, previous, -1)
+            self._score_shadow(pair, logged, record["label"], +1)
+        if logged.stored:
+            self._labelled[key] = Pending(_epoch(record["time"]), logged.stored, record["label"])
+            self._labelled.move_to_end(key)
+
+    @staticmethod
+    def _score_shadow(pair: ShadowPair, logged: Logged, label: str, sign: int) -> None:
+        assert logged.shadow is not None
+        pair.labelled += sign
+        pair.champion_correct += sign * int(logged.predicted == label)
+        pair.challenger_correct += sign * int(logged.shadow[1] == label)
+
+    # -- the request side ------------------------------------------------------------------------
+
+    def sampled(self) -> bool:
+        """Whether this request is logged (serve.log_sample)."""
+        rate = self.serve.log_sample
+        return rate >= 1.0 or (rate > 0.0 and random.random() < rate)
+
+    def record_predictions(
+        self,
+        request_id: str,
+        version: str,
+        label: str | None,
+        endpoint: str,
+        images: list[bytes],
+        probabilities: Any,
+        classes: list[str],
+        latency_ms: float,
+    ) -> Any:
+        """Queue one record per image; returns the future that is done once they are written."""
+        when = now_iso()
+        records, pending = [], []
+        for index, (data, row) in enumerate(zip(images, probabilities, strict=True)):
+            scores = {name: round(float(p), 6) for name, p in zip(classes, row, strict=True)}
+            top = max(range(len(classes)), key=lambda i: float(row[i]))
+            record: dict[str, Any] = {
+                "kind": "prediction",
+                "time": when,
+                "id": request_id,
+                "index": index,
+                "model": self.model_name,
+                "version": version,
+                "label": label,
+                "endpoint": endpoint,
+                "predicted_class": classes[top],
+                "confidence": round(float(row[top]), 6),
+                "probabilities": scores,
+                "latency_ms": round(latency_ms, 3),
+            }
+            records.append(record)
+            pending.append(ImageToLog(data, record))
+        return self.log.append(records, pending)
+
+    def record_shadow(
+        self,
+        request_id: str,
+        version: str,
+        champion_version: str,
+        champion_classes: list[str],
+        probabilities: Any,
+        classes: list[str],
+    ) -> Any:
+        """Queue the challenger's answers on a shadowed request (written when they are ready)."""
+        when = now_iso()
+        records = []
+        for index, row in enumerate(probabilities):
+            top = max(range(len(classes)), key=lambda i: float(row[i]))
+            records.append(
+                {
+                    "kind": "shadow",
+                    "time": when,
+                    "id": request_id,
+                    "index": index,
+                    "version": version,
+                    "label": "canary",
+                    "champion_version": champion_version,
+                    "predicted_class": classes[top],
+                    "confidence": round(float(row[top]), 6),
+                    "probabilities": {n: round(float(p), 6) for n, p in zip(classes, row, strict=True)},
+                    "agrees": classes[top] == champion_classes[index],
+                }
+            )
+        return self.log.append(records)
+
+    def feedback(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Attach true labels to logged images: all of them, or none when one is refused.
+
+        Raises:
+            NotFound: an id (or index) that is not in the log (404).
+            ServingError: a malformed item or a class the model does not know (400).
+        """
+        with self._feedback_lock:
+            checked = [
+                self._check_feedback(position, item, len(items)) for position, item in enumerate(items)
+            ]
+            when = now_iso()
+            records, answers = [], []
+            for key, label, logged in checked:
+                with self._lock:
+                    previous = self._labels.get(key)
+                records.append(
+                    {
+                        "kind": "feedback",
+                        "time": when,
+                        "id": key[0],
+                        "index": key[1],
+                        "label": label,
+                        "previous": previous,
+                        "correction": previous is not None,
+                    }
+                )
+                answers.append(
+                    {
+                        "id": key[0],
+                        "index": key[1],
+                        "label": label,
+                        "predicted_class": logged.predicted,
+                        "correct": label == logged.predicted,
+                        "correction": previous is not None,
+                        "model_version": logged.version,
+                    }
+                )
+            self.log.append(records).result(timeout=60)
+        return answers
+
+    def _check_feedback(self, position: int, item: Any, count: int) -> tuple[Key, str, Logged]:
+        where = f"feedback item {position}: " if count > 1 else ""
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str) or "label" not in item:
+            raise ServingError(
+                f'{where}send {{"id": "<request id>", "label": "<class>"}} (and "index" for the n-th image)'
+            )
+        index = item.get("index", 0)
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise ServingError(f"{where}index must be a whole number >= 0, got {index!r}")
+        key = (item["id"], index)
+        logged = self._index.get(key)
+        if logged is None:
+            self.refresh()  # another worker may have served it
+            logged = self._index.get(key)
+        if logged is None:
+            known = any(k[0] == item["id"] for k in list(self._index))
+            what = f"image {index} of request {item['id']!r}" if known else f"request id {item['id']!r}"
+            raise NotFound(
+                f"{where}{what} is not in the prediction log (not served, not sampled by "
+                f"serve.log_sample = {self.serve.log_sample:g}, or older than the last "
+                f"serve.feedback_window = {self.serve.feedback_window} images)"
+            )
+        label = str(item["label"])
+        if label not in logged.classes:
+            raise ServingError(
+                f"{where}unknown class {label!r}; {self.model_name} version {logged.version} knows "
+                + ", ".join(repr(c) for c in logged.classes)
+            )
+        return key, label, logged
+
+    # -- live quality ----------------------------------------------------------------------------
+
+    def set_reference(self, version: str, reference: dict[str, Any] | None) -> None:
+        """The version's test accuracy and training class shares, to compare live figures with."""
+        if reference is not None:
+            self._references[version] = reference
+
+    def monitoring(self, served: dict[str, str]) -> dict[str, Any]:
+        """Per version: live accuracy (and its count), class shares against training, mean confidence;
+        champion-challenger agreement and accuracies on the same shadowed images."""
+        self.refresh()
+        with self._lock:
+            labels_of = {version: label for label, version in served.items()}
+            versions = {}
+            for version in sorted(set(self._quality) | set(served.values()), key=_version_order):
+                quality = self._quality.get(version, VersionQuality())
+                reference = self._references.get(version, {})
+                versions[version] = {
+                    "label": labels_of.get(version),
+                    "images": quality.images,
+                    "mean_confidence": _ratio(quality.confidence_sum, quality.images),
+                    "labelled": quality.labelled,
+                    "accuracy": _ratio(quality.correct, quality.labelled),
+                    "reference_test_accuracy": reference.get("test_accuracy"),
+                    "predicted_class_share": _shares(quality.predicted),
+                    "training_class_share": reference.get("training_class_share"),
+                    "class_share_distance": _distance(
+                        quality.predicted, reference.get("training_class_share")
+                    ),
+                }
+            shadow = [
+                {
+                    "champion_version": champion,
+                    "challenger_version": challenger,
+                    "images": pair.images,
+                    "agreement": _ratio(pair.agree, pair.images),
+                    "labelled": pair.labelled,
+                    "champion_accuracy": _ratio(pair.champion_correct, pair.labelled),
+                    "challenger_accuracy": _ratio(pair.challenger_correct, pair.labelled),
+                }
+                for (champion, challenger), pair in sorted(self._shadow.items())
+            ]
+        return {
+            "model": self.model_name,
+            "served": served,
+            "versions": versions,
+            "shadow": shadow,
+            "log": {"folder": str(self.folder), "sample": self.serve.log_sample},
+        }
+
+    def collector(self, served: Any) -> Collector:
+        """A Prometheus collector of the live figures, read at each scrape (`served()`: {label: version})."""
+        return _LiveCollector(self, served)
+
+    # -- batches ---------------------------------------------------------------------------------
+
+    def cut_due(self, now: float | None = None) -> list[str]:
+        """Cut every batch that is due: full (serve.batch_images) or old (serve.batch_minutes)."""
+        now = time.time() if now is None else now
+        cut = []
+        for labelled, pending in ((False, self._unlabelled), (True, self._labelled)):
+            while True:
+                with self._lock:
+                    waiting = list(pending.items())[: self.serve.batch_images]
+                full = len(waiting) >= self.serve.batch_images
+                old = bool(waiting) and now - waiting[0][1].time >= self.serve.batch_minutes * 60.0
+                if not (full or old):
+                    break
+                cut.append(self._cut(waiting, labelled))
+        return cut
+
+    def _cut(self, waiting: list[tuple[Key, Pending]], labelled: bool) -> str:
+        name = f"{'feedback' if labelled else 'served'}-{datetime.now(UTC):%Y%m%dT%H%M%S%f}"
+        files: dict[str, Path] = {}  # relative path in the batch -> stored image
+        for _, item in waiting:
+            stored = Path(item.stored)
+            relative = f"{item.label}/{stored.name}" if labelled else stored.name
+            files[relative] = self.folder / stored
+        destination = self._write_batch(name, files)
+        images = [[key[0], key[1], item.label, item.stored] for key, item in waiting]
+        record = {
+            "kind": "cut",
+            "time": now_iso(),
+            "batch": name,
+            "labelled": labelled,
+            "destination": destination,
+            "images": images,
+        }
+        self.log.append([record]).result(timeout=60)
+        self.batches_cut.append(name)
+        log.info(
+            "cut %s batch %s: %d images -> %s",
+            "labelled" if labelled else "unlabelled",
+            name,
+            len(files),
+            destination,
+        )
+        return name
+
+    def _write_batch(self, name: str, files: dict[str, Path]) -> str:
+        if self.cfg.drift.landing_s3:
+            location = s3.parse_uri(self.cfg.drift.landing_s3, "drift.landing_s3")
+            client = s3.client(self.cfg.storage)
+            for relative, source in files.items():  # the landing pull waits drift.settle_seconds for them
+                client.upload_file(str(source), location.bucket, location.key(f"{name}/{relative}"))
+            return f"s3://{location.bucket}/{location.key(name)}/"
+        staging = self.landing / f".cut-{name}"
+        shutil.rmtree(staging, ignore_errors=True)
+        for relative, source in files.items():
+            target = staging / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        staging.rename(self.landing / name)  # the batch appears whole
+        return str(self.landing / name)
+
+
+def _ratio(part: float, whole: float) -> float | None:
+    return round(part / whole, 6) if whole else None
+
+
+def _shares(counts: Counter[str]) -> dict[str, float]:
+    total = sum(counts.values())
+    return {name: round(count / total, 6) for name, count in sorted(counts.items())} if total else {}
+
+
+def _distance(predicted: Counter[str], training: dict[str, float] | None) -> float | None:
+    """Total variation distance between the served classes and training's (None without both)."""
+    if not training or not predicted:
+        return None
+    return share_distance(_shares(predicted), training)
+
+
+def _version_order(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (0, version)
+
+
+class _LiveCollector(Collector):
+    def __init__(self, loop: ServingLoop, served: Any) -> None:
+        self.loop, self.served = loop, served
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        report = self.loop.monitoring(self.served())
+        prefix = "serving_live"
+        accuracy = GaugeMetricFamily(
+            f"{prefix}_accuracy", "Accuracy over feedback labels, by version.", labels=["model_version"]
+        )
+        labelled = GaugeMetricFamily(
+            f"{prefix}_labelled_images", "Served images with a feedback label.", labels=["model_version"]
+        )
+        images = GaugeMetricFamily(
+            f"{prefix}_images", "Served images in the prediction log.", labels=["model_version"]
+        )
+        confidence = GaugeMetricFamily(
+            f"{prefix}_mean_confidence", "Mean top-1 probability served.", labels=["model_version"]
+        )
+        reference = GaugeMetricFamily(
+            f"{prefix}_reference_test_accuracy",
+            "The version's test accuracy at training.",
+            labels=["model_version"],
+        )
+        share = GaugeMetricFamily(
+            f"{prefix}_class_share", "Share of each class: predicted when served, or in training.",
+            labels=["model_version", "class_name", "source"],
+        )  # fmt: skip
+        for version, figures in report["versions"].items():
+            images.add_metric([version], figures["images"])
+            labelled.add_metric([version], figures["labelled"])
+            if figures["accuracy"] is not None:
+                accuracy.add_metric([version], figures["accuracy"])
+            if figures["mean_confidence"] is not None:
+                confidence.add_metric([version], figures["mean_confidence"])
+            if figures["reference_test_accuracy"] is not None:
+                reference.add_metric([version], figures["reference_test_accuracy"])
+            for name, value in figures["predicted_class_share"].items():
+                share.add_metric([version, name, "served"], value)
+            for name, value in (figures["training_class_share"] or {}).items():
+                share.add_metric([version, name, "training"], value)
+        yield from (accuracy, labelled, images, confidence, reference, share)
+        pairs = ["champion_version", "challenger_version"]
+        agreement = GaugeMetricFamily(
+            "serving_shadow_agreement",
+            "Champion-challenger top-1 agreement on shadowed images.",
+            labels=pairs,
+        )
+        shadowed = GaugeMetricFamily(
+            "serving_shadow_images", "Images the challenger scored in the shadow.", labels=pairs
+        )
+        both = GaugeMetricFamily(
+            "serving_shadow_accuracy", "Accuracy on shadowed images with feedback, by which model answered.",
+            labels=[*pairs, "model"],
+        )  # fmt: skip
+        for pair in report["shadow"]:
+            versions = [pair["champion_version"], pair["challenger_version"]]
+            shadowed.add_metric(versions, pair["images"])
+            if pair["agreement"] is not None:
+                agreement.add_metric(versions, pair["agreement"])
+            if pair["labelled"]:
+                both.add_metric([*versions, "champion"], pair["champion_accuracy"])
+                both.add_metric([*versions, "challenger"], pair["challenger_accuracy"])
+        yield from (agreement, shadowed, both)

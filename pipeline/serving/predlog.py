@@ -1,0 +1,266 @@
+"""The prediction log: every served prediction, shadow answer, feedback label and batch cut, append-only.
+
+    <serve.log_dir>/log/<UTC start>-<pid>-<n>.jsonl   one JSON record per line, never rewritten
+    <serve.log_dir>/images/<sha256[:2]>/<sha256>.<ext> the served images (serve.store_images)
+
+Records (each has `kind` and `time`):
+
+    prediction  id, index, model, version, label, endpoint, predicted_class, confidence,
+                probabilities {class: p}, latency_ms, sha256, image {width, height, bytes, format},
+                stored (the image's path under log_dir, or null)
+    shadow      id, index, version (the challenger's), label, predicted_class, confidence,
+                probabilities, champion_version, agrees
+    feedback    id, index, label, previous (the label it replaces, or null), correction
+    cut         batch, labelled, destination, images [[id, index, label|null, stored], ...]
+
+One writer thread per process appends them: a request's records are written
+(`os.write` on an O_APPEND file, so they are in the kernel before the client
+gets its answer and survive the process being killed) before its response
+leaves, with the records of concurrent requests in the same write (group
+commit). `fsync` runs every `serve.log_fsync_seconds` (0: before each
+answer), bounding what a machine crash could lose. Files roll at
+`serve.log_roll_mb` or `serve.log_roll_minutes`; each process writes its own
+files, so several uvicorn workers never interleave a line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+LOG_FOLDER, IMAGE_FOLDER = "log", "images"
+EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "GIF": ".gif", "WEBP": ".webp"}
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class ImageToLog:
+    """A served image waiting for its record: the bytes are hashed, inspected and stored by the writer."""
+
+    data: bytes
+    record: dict[str, Any]
+
+
+@dataclass
+class _Entry:
+    records: list[dict[str, Any]]
+    images: list[ImageToLog] = field(default_factory=list)
+    done: Future[None] = field(default_factory=Future)
+
+
+def describe_image(data: bytes) -> tuple[str, dict[str, Any]]:
+    """The image's sha256 and {width, height, bytes, format} (its header only is read)."""
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            info = {"width": image.width, "height": image.height, "format": image.format}
+    except Exception:  # checked before it was served; a record is still written
+        info = {"width": None, "height": None, "format": None}
+    return digest, {**info, "bytes": len(data)}
+
+
+class PredictionLog:
+    """Appends records from one process to its own rolled JSONL files (one writer thread).
+
+    Args:
+        folder: serve.log_dir.
+        store_images: keep each image under images/ (content-addressed: a repeat is stored once).
+        roll_bytes / roll_seconds: start a new file at this size or age.
+        fsync_seconds: fsync this often; 0 before every answer.
+        on_written: called in the writer thread with each record once it is written.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        store_images: bool = True,
+        roll_bytes: int = 64 * 1024 * 1024,
+        roll_seconds: float = 3600.0,
+        fsync_seconds: float = 1.0,
+        on_written: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.folder = folder
+        self.store_images = store_images
+        self.roll_bytes, self.roll_seconds, self.fsync_seconds = roll_bytes, roll_seconds, fsync_seconds
+        self.on_written = on_written
+        (folder / LOG_FOLDER).mkdir(parents=True, exist_ok=True)
+        self._queue: queue.SimpleQueue[_Entry | None] = queue.SimpleQueue()
+        self._fd: int | None = None
+        self._file: Path | None = None
+        self._opened_at = 0.0
+        self._size = 0
+        self._files = 0
+        self._synced_at = time.monotonic()
+        self._dirty = False
+        self.own_files: set[Path] = set()
+        self.errors = 0
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._thread.start()
+
+    # -- the request side ------------------------------------------------------------------------
+
+    def append(self, records: list[dict[str, Any]], images: list[ImageToLog] | None = None) -> Future[None]:
+        """Queue records (and images to hash, inspect and store into their records); done once written."""
+        entry = _Entry(records, images or [])
+        self._queue.put(entry)
+        return entry.done
+
+    def close(self) -> None:
+        """Write what is queued, fsync, close the file and stop the writer."""
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    @property
+    def current_file(self) -> Path | None:
+        return self._file
+
+    # -- the writer thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            timeout = self.fsync_seconds if self._dirty and self.fsync_seconds > 0 else None
+            try:
+                first = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                self._sync()
+                continue
+            entries = [first]
+            while True:  # group commit: everything queued meanwhile goes into the same write
+                try:
+                    entries.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = None in entries
+            live = [e for e in entries if e is not None]
+            try:
+                self._write(live)
+            except Exception as error:  # a full disk: the requests get their error, the log goes on
+                self.errors += 1
+                log.exception("the prediction log could not be written in %s", self.folder)
+                for entry in live:
+                    if not entry.done.done():
+                        entry.done.set_exception(error)
+                continue
+            if self.on_written is not None:  # before the answers: a client's next call sees its records
+                for entry in live:
+                    for record in entry.records:
+                        try:
+                            self.on_written(record)
+                        except Exception:
+                            log.exception("a prediction-log listener failed on %s", record.get("kind"))
+            for entry in live:
+                entry.done.set_result(None)
+        self._sync()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _write(self, entries: list[_Entry]) -> None:
+        for entry in entries:
+            for image in entry.images:
+                self._fill(image)
+        lines = b"".join(
+            json.dumps(record, separators=(",", ":")).encode() + b"\n"
+            for entry in entries
+            for record in entry.records
+        )
+        if not lines:
+            return
+        self._roll_if_due(len(lines))
+        assert self._fd is not None
+        written = 0
+        while written < len(lines):  # os.write may write part of a large buffer
+            written += os.write(self._fd, lines[written:])
+        self._size += len(lines)
+        self._dirty = True
+        if self.fsync_seconds == 0 or time.monotonic() - self._synced_at >= self.fsync_seconds:
+            self._sync()
+
+    def _fill(self, image: ImageToLog) -> None:
+        digest, info = describe_image(image.data)
+        image.record.update(sha256=digest, image=info, stored=None)
+        if self.store_images:
+            suffix = EXTENSIONS.get(str(info["format"]), ".img")
+            relative = Path(IMAGE_FOLDER) / digest[:2] / f"{digest}{suffix}"
+            target = self.folder / relative
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+                with partial.open("wb") as handle:
+                    handle.write(image.data)
+                os.replace(partial, target)  # whole or absent
+            image.record["stored"] = relative.as_posix()
+
+    def _roll_if_due(self, incoming: int) -> None:
+        age = time.monotonic() - self._opened_at
+        if self._fd is not None and self._size + incoming <= self.roll_bytes and age < self.roll_seconds:
+            return
+        if self._fd is not None:
+            self._sync()
+            os.close(self._fd)
+        self._files += 1
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        self._file = self.folder / LOG_FOLDER / f"{stamp}-{os.getpid()}-{self._files}.jsonl"
+        self._fd = os.open(self._file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o644)
+        self.own_files.add(self._file)
+        self._opened_at, self._size = time.monotonic(), 0
+        log.info("prediction log: writing %s", self._file)
+
+    def _sync(self) -> None:
+        if self._fd is not None and self._dirty:
+            os.fsync(self._fd)
+            self._dirty = False
+        self._synced_at = time.monotonic()
+
+
+def log_files(folder: Path) -> list[Path]:
+    """Every log file under `<folder>/log/`, oldest first (names start with their UTC start time)."""
+    return sorted((folder / LOG_FOLDER).glob("*.jsonl")) if (folder / LOG_FOLDER).is_dir() else []
+
+
+def read_records(folder: Path) -> Iterator[dict[str, Any]]:
+    """Every complete record of every log file, oldest file first (a torn last line is skipped)."""
+    for path in log_files(folder):
+        yield from Tail(path).read()
+
+
+class Tail:
+    """Reads the complete lines appended to one log file since the last read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def read(self) -> list[dict[str, Any]]:
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            data = handle.read()
+        end = data.rfind(b"\n") + 1  # a line still being written is read next time
+        self.offset += end
+        records = []
+        for line in data[:end].splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s: an unreadable line skipped", self.path)
+        return records
