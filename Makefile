@@ -9,7 +9,7 @@ export GX_ANALYTICS_ENABLED := False
 # The temporary Prefect server of `make run` would try to send telemetry and log an ERROR when offline.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run serve repro deploy drift-check drift-demo tune test install lint typecheck clean \
+.PHONY: run serve repro deploy drift-check drift-demo loop-demo tune test install lint typecheck clean \
 	mlflow-server prefect-server prefect-worker dvc-remote
 
 run: $(STAMP) ## create the venv if missing, install, run the training flow on params.yaml
@@ -33,6 +33,10 @@ tune: $(STAMP) ## search the train recipe with Optuna (params.yaml tune:); best 
 drift-demo: $(STAMP) ## land a brightened batch of digits and run the drift-check flow once
 	python -m flows.training
 	python -m flows.drift_demo
+
+loop-demo: $(STAMP) ## serve the champion, send shifted traffic and feedback, let the drift check retrain, watch the swap
+	python -m flows.training
+	python -m flows.loop_demo
 
 # Two pytest-xdist workers, each taking whole test files (module-scoped servers start once per file).
 TEST_WORKERS ?= 2

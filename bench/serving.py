@@ -9,7 +9,13 @@ Needs the embedded-default champion (`make run`). In one run, on this machine:
   peer a user would otherwise pick (its input is the decoded pixels, sent as
   JSON `instances`, since the MLflow model takes the Keras model's float input);
 - the ceiling: the same champion called in-process (`predict_on_batch`) on the
-  same decoded images in batches of `serve.max_batch_size`, no HTTP.
+  same decoded images in batches of `serve.max_batch_size`, no HTTP;
+- the loop's cost: batching on with the prediction log off (`--log-sample 0`)
+  against the default (log on, images stored) at concurrency 32; and, with a
+  `challenger` (the bench points the alias at the newest other version for
+  the run and puts it back after), shadow scoring at 0.5 against 0 at
+  concurrency 1 and 32. Every service here logs into a scratch folder and cuts
+  no landing batches.
 
 The load: test-split images, one per request, as b64 PNG (TF Serving's row
 format) for our service, at concurrency 1, 8 and 32, a fixed number of
@@ -52,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peer-requests", type=int, default=200, help="requests per row for mlflow")
     parser.add_argument("--batch-timeout-ms", type=float, help="batching on: default serve.batch_timeout_ms")
     parser.add_argument("--skip-peer", action="store_true", help="leave out `mlflow models serve`")
+    parser.add_argument("--only-loop", action="store_true", help="only the log and shadow rows")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     return parser.parse_args(argv)
 
@@ -154,6 +161,8 @@ def ceiling(model, pixels, batch: int, repeats: int = 5) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = args.root.resolve()
+    import mlflow
+
     from pipeline import registry, tracking
     from pipeline.artifacts import image_files, read_split
     from pipeline.config import load_config
@@ -183,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     timeout = cfg.serve.batch_timeout_ms if args.batch_timeout_ms is None else args.batch_timeout_ms
     logs = root / ".cache" / "bench-serving"
     logs.mkdir(parents=True, exist_ok=True)
-    for label, batch_timeout in (("ours, batching on", timeout), ("ours, batching off", 0.0)):
+
+    def serve(label: str, batch_timeout: float, concurrencies: tuple[int, ...], *extra: str) -> None:
         port = free_port()
         command = [
             sys.executable,
@@ -194,18 +204,41 @@ def main(argv: list[str] | None = None) -> int:
             "--batch-timeout-ms",
             str(batch_timeout),
         ]
+        command += ["--log-dir", str(logs / f"log-{port}"), "--batch-images", "1000000000", *extra]
         server = start(
             command, f"http://127.0.0.1:{port}/v2/health/ready", root, logs / f"serving-{port}.log"
         )
         try:
-            for concurrency in CONCURRENCY:
+            if "--shadow-fraction" in extra:
+                wait_for(f"http://127.0.0.1:{port}/v1/models/{name}/labels/canary", server)
+            for concurrency in concurrencies:
                 url = f"http://127.0.0.1:{port}/v1/models/{name}:predict"
                 row = asyncio.run(load(url, bodies, args.requests, concurrency))
                 rows.append({"server": f"{label} ({batch_timeout:g} ms)", "concurrency": concurrency, **row})
                 print(rows[-1], flush=True)
         finally:
             stop(server)
-    if not args.skip_peer:
+
+    if not args.only_loop:
+        serve("ours, batching on", timeout, CONCURRENCY)
+        serve("ours, batching off", 0.0, CONCURRENCY)
+    serve("ours, log on", timeout, (32,))
+    serve("ours, log off", timeout, (32,), "--log-sample", "0")
+    other = registry.newest_other_version(name, champion.version)
+    if other is None:
+        print(f"only one version of {name}: no shadow rows (make drift-demo or a second make run adds one)")
+    else:
+        before = registry.aliased(name, registry.CHALLENGER)
+        registry.set_alias(name, registry.CHALLENGER, other)
+        try:
+            serve("ours, shadow 0", timeout, (1, 32), "--shadow-fraction", "0")
+            serve("ours, shadow 0.5", timeout, (1, 32), "--shadow-fraction", "0.5")
+        finally:
+            if before is None:
+                mlflow.MlflowClient().delete_registered_model_alias(name, registry.CHALLENGER)
+            else:
+                registry.set_alias(name, registry.CHALLENGER, before.version)
+    if not args.skip_peer and not args.only_loop:
         port = free_port()
         command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion"]
         command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
@@ -219,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stop(server)
     batch = cfg.serve.max_batch_size
-    top = ceiling(model, pixels, batch)
+    top = 0.0 if args.only_loop else ceiling(model, pixels, batch)
     rows.append(
         {"server": f"in-process predict_on_batch (batch {batch})", "concurrency": 0, "images_per_s": top}
     )
@@ -242,14 +275,27 @@ def main(argv: list[str] | None = None) -> int:
             if r["server"].startswith(server) and r["concurrency"] == concurrency
         )
 
-    on, off = rate("ours, batching on", 32), rate("ours, batching off", 32)
-    p99 = next(
-        r["p99_ms"] for r in rows if r["server"].startswith("ours, batching on") and r["concurrency"] == 1
+    def p99(server: str, concurrency: int) -> float:
+        return next(
+            r["p99_ms"] for r in rows if r["server"].startswith(server) and r["concurrency"] == concurrency
+        )
+
+    print()
+    if not args.only_loop:
+        on, off = rate("ours, batching on", 32), rate("ours, batching off", 32)
+        print(f"batching on / off at concurrency 32: {on / off:.2f}x (target >= 3)")
+        print(f"batching on at 32 / in-process ceiling: {on / top:.2f} (target >= 0.5)")
+        print(f"p99 at concurrency 1, batching on: {p99('ours, batching on', 1):.1f} ms (target < 10)")
+    logged, unlogged = rate("ours, log on", 32), rate("ours, log off", 32)
+    print(
+        f"log on (images stored) / log off, images/s at concurrency 32: {logged / unlogged:.3f} "
+        "(target >= 0.9)"
     )
-    print(f"\nbatching on / off at concurrency 32: {on / off:.2f}x (target >= 3)")
-    print(f"batching on at 32 / in-process ceiling: {on / top:.2f} (target >= 0.5)")
-    print(f"p99 at concurrency 1, batching on: {p99:.1f} ms (target < 10)")
-    if not args.skip_peer:
+    if other is not None:
+        for concurrency in (1, 32):
+            ratio = p99("ours, shadow 0.5", concurrency) / p99("ours, shadow 0 ", concurrency)
+            print(f"p99 shadow 0.5 / shadow 0 at concurrency {concurrency}: {ratio:.3f} (target <= 1.1)")
+    if not args.skip_peer and not args.only_loop:
         peer = rate("mlflow models serve", 32)
         print(f"ours (batching on) / mlflow models serve at concurrency 32: {on / peer:.1f}x")
     if args.json:

@@ -101,6 +101,13 @@ def version(model_name: str, number: str) -> RegisteredModel:
     return _describe(mlflow.MlflowClient().get_model_version(model_name, number))
 
 
+def newest_other_version(model_name: str, than: str) -> str | None:
+    """The newest registered version other than `than`, or None when there is no other."""
+    versions = mlflow.MlflowClient().search_model_versions(f"name = '{model_name}'")
+    others = sorted((int(v.version) for v in versions if str(v.version) != than), reverse=True)
+    return str(others[0]) if others else None
+
+
 def champion(model_name: str) -> RegisteredModel | None:
     """The registry's current champion, or None when there is none."""
     return aliased(model_name, CHAMPION)

@@ -38,6 +38,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--poll-seconds", type=float, help="serve.poll_seconds")
     parser.add_argument("--log-sample", type=float, help="serve.log_sample (0: no prediction log)")
     parser.add_argument("--shadow-fraction", type=float, help="serve.shadow_fraction")
+    parser.add_argument("--batch-images", type=int, help="serve.batch_images (landing batch size)")
+    parser.add_argument("--batch-minutes", type=float, help="serve.batch_minutes")
+    parser.add_argument("--log-dir", type=Path, help="serve.log_dir (the prediction log and its images)")
     parser.add_argument("--model-dir", type=Path, help="serve this SavedModel folder instead of the registry")
     parser.add_argument("--model-name", help="registered model to serve (default mlflow.registered_model)")
     parser.add_argument("--model-version", default="1", help="the version it serves as (with --model-dir)")
@@ -54,8 +57,14 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "poll_seconds",
         "log_sample",
         "shadow_fraction",
+        "batch_images",
+        "batch_minutes",
+        "log_dir",
     )
-    return {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+    found = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+    if "log_dir" in found:  # a folder given on the command line is relative to where it is run
+        found["log_dir"] = str(Path(found["log_dir"]).resolve())
+    return found
 
 
 def app_from_environment() -> Any:

@@ -47,6 +47,15 @@ def read_pixels(path: Path) -> np.ndarray:
         return np.asarray(image, dtype=np.float64) / 255.0
 
 
+def shifted_png(path: Path, shift: Shift, rng: np.random.Generator) -> bytes:
+    """The image at `path`, shifted, as PNG bytes (what a client would send the service)."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(shift(read_pixels(path), rng) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def write_batch(
     files: Sequence[Path],
     labels: Sequence[str] | None,

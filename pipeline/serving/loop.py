@@ -128,10 +128,13 @@ class ServingLoop:
         self._references: dict[str, dict[str, Any]] = {}
         self._unlabelled: OrderedDict[Key, Pending] = OrderedDict()
         self._labelled: OrderedDict[Key, Pending] = OrderedDict()
+        self._cut_labels: dict[Key, tuple[str, str]] = {}  # labelled image -> (its label, its batch)
+        self.late_corrections: list[dict[str, Any]] = []  # relabelled after their batch was cut
         self._tails: dict[Path, Tail] = {}
         # feedback and shadow records read before their prediction (another process's file came first)
         self._early: OrderedDict[Key, list[dict[str, Any]]] = OrderedDict()
         self._feedback_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._leader: int | None = None
@@ -188,12 +191,13 @@ class ServingLoop:
 
     def refresh(self) -> None:
         """Apply the records other processes appended since the last read."""
-        for path in log_files(self.folder):
-            if path in self.log.own_files:
-                continue
-            tail = self._tails.setdefault(path, Tail(path))
-            for record in tail.read():
-                self._apply(record)
+        with self._refresh_lock:  # request threads and the background thread: each line applied once
+            for path in log_files(self.folder):
+                if path in self.log.own_files:
+                    continue
+                tail = self._tails.setdefault(path, Tail(path))
+                for record in tail.read():
+                    self._apply(record)
 
     def _apply(self, record: dict[str, Any]) -> None:
         kind = record.get("kind")
@@ -206,10 +210,13 @@ class ServingLoop:
                 self._apply_feedback(record)
             elif kind == "cut":
                 for request_id, index, label, _ in record["images"]:
+                    key = (request_id, index)
                     pending = self._labelled if record["labelled"] else self._unlabelled
-                    waiting = pending.get((request_id, index))
+                    waiting = pending.get(key)
                     if waiting is not None and waiting.label == label:
-                        del pending[(request_id, index)]
+                        del pending[key]
+                    if record["labelled"] and key in self._index:
+                        self._cut_labels[key] = (label, record["batch"])
 
     def _apply_prediction(self, record: dict[str, Any]) -> None:
         key = (record["id"], record["index"])
@@ -225,6 +232,7 @@ class ServingLoop:
         while len(self._index) > self.serve.feedback_window:
             old, _ = self._index.popitem(last=False)
             self._labels.pop(old, None)
+            self._cut_labels.pop(old, None)
         quality = self._quality.setdefault(logged.version, VersionQuality())
         quality.images += 1
         quality.confidence_sum += float(record["confidence"])
@@ -272,7 +280,25 @@ class ServingLoop:
             if previous is not None:
                 self._score_shadow(pair, logged, previous, -1)
             self._score_shadow(pair, logged, record["label"], +1)
-        if logged.stored:
+        cut = self._cut_labels.get(key)
+        if cut is not None and cut[0] != record["label"]:
+            # Its batch (maybe trained on already) says otherwise. Cutting it again would put one image
+            # under two classes; a person fixes the batch, told here and by the monitoring endpoint.
+            self.late_corrections.append(
+                {
+                    "id": key[0],
+                    "index": key[1],
+                    "batch": cut[1],
+                    "batch_label": cut[0],
+                    "label": record["label"],
+                }
+            )
+            del self.late_corrections[:-100]
+            log.warning(
+                "image %s of request %s relabelled %r after batch %s was cut with %r; fix that batch by hand",
+                key[1], key[0], record["label"], cut[1], cut[0],
+            )  # fmt: skip
+        elif cut is None and logged.stored:
             self._labelled[key] = Pending(_epoch(record["time"]), logged.stored, record["label"])
             self._labelled.move_to_end(key)
 
@@ -369,9 +395,11 @@ class ServingLoop:
             ]
             when = now_iso()
             records, answers = [], []
+            given: dict[Key, str] = {}  # labels earlier in this call (not written yet)
             for key, label, logged in checked:
                 with self._lock:
-                    previous = self._labels.get(key)
+                    previous = given.get(key, self._labels.get(key))
+                given[key] = label
                 records.append(
                     {
                         "kind": "feedback",
@@ -474,6 +502,7 @@ class ServingLoop:
             "served": served,
             "versions": versions,
             "shadow": shadow,
+            "late_corrections": list(self.late_corrections),
             "log": {"folder": str(self.folder), "sample": self.serve.log_sample},
         }
 

@@ -8,7 +8,7 @@ Records (each has `kind` and `time`):
     prediction  id, index, model, version, label, endpoint, predicted_class, confidence,
                 probabilities {class: p}, latency_ms, sha256, image {width, height, bytes, format},
                 stored (the image's path under log_dir, or null)
-    shadow      id, index, version (the challenger's), label, predicted_class, confidence,
+    shadow      id, index, version (the challenger's), label ("canary"), predicted_class, confidence,
                 probabilities, champion_version, agrees
     feedback    id, index, label, previous (the label it replaces, or null), correction
     cut         batch, labelled, destination, images [[id, index, label|null, stored], ...]

@@ -153,3 +153,32 @@ def test_serving_caches_downloaded_models_on_a_pod_volume_at_serve_cache():
     assert (
         template["spec"]["securityContext"].get("fsGroup") == template["spec"]["securityContext"]["runAsUser"]
     )
+
+
+def test_serving_pods_log_and_cut_batches_onto_the_volume_the_drift_check_reads():
+    template, container = serving_pod()
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in template["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    worker = documents("prefect-worker.yaml")
+    (deployment,) = [d for d in worker if d["kind"] == "Deployment"]
+    worker_spec = deployment["spec"]["template"]["spec"]
+    worker_claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in worker_spec["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    (worker_container,) = worker_spec["containers"]
+    (worker_mount,) = [m for m in worker_container["volumeMounts"] if m["mountPath"] == "/workspace"]
+    shared = worker_claims[worker_mount["name"]]
+    workdir = PurePosixPath(container["workingDir"])
+    for folder in (params().serve.log_dir, params().drift.landing):
+        mounts = [m for m in container["volumeMounts"] if PurePosixPath(m["mountPath"]) == workdir / folder]
+        assert len(mounts) == 1, f"serving.yaml: {folder} is not mounted at {workdir / folder}"
+        (mount,) = mounts
+        assert claims.get(mount["name"]) == shared, f"serving.yaml: {folder} is not on the claim {shared}"
+        assert mount.get("subPath") == str(folder), (
+            f"serving.yaml: {folder} mounted from {mount.get('subPath')}"
+        )

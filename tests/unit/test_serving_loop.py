@@ -204,3 +204,28 @@ def test_the_metrics_collector_exports_the_live_figures(loop: ServingLoop):
     assert 'serving_live_class_share{class_name="dog",model_version="1",source="training"} 0.5' in text
     figures = json.loads(json.dumps(loop.monitoring({"stable": "1"})))["versions"]["1"]
     assert figures["class_share_distance"] == 0.5  # all cat served against half cat in training
+
+
+def test_one_call_labelling_an_image_twice_records_the_second_as_a_correction(loop: ServingLoop):
+    serve(loop, "a", [1])
+    answers = loop.feedback([{"id": "a", "label": "cat"}, {"id": "a", "label": "dog"}])
+    assert [(a["label"], a["correction"]) for a in answers] == [("cat", False), ("dog", True)]
+    feedback = [r for r in read_records(loop.folder) if r["kind"] == "feedback"]
+    assert [(r["label"], r["previous"]) for r in feedback] == [("cat", None), ("dog", "cat")]
+    assert loop.monitoring({"stable": "1"})["versions"]["1"]["labelled"] == 1
+
+
+def test_a_label_corrected_after_its_batch_was_cut_is_reported_not_cut_again(tmp_path: Path):
+    loop = make_loop(tmp_path, batch_images=1)
+    serve(loop, "a", [1])
+    loop.feedback([{"id": "a", "label": "cat"}])
+    cut = loop.cut_due()
+    assert len(cut) == 2  # the unlabelled and the labelled batch of the one image
+    loop.feedback([{"id": "a", "label": "dog"}])
+    assert loop.cut_due(now=1e12) == []  # one image under two classes would poison training
+    (late,) = loop.monitoring({"stable": "1"})["late_corrections"]
+    assert (late["batch"], late["batch_label"], late["label"]) == (cut[1], "cat", "dog")
+    loop.stop()
+    replayed = make_loop(tmp_path, batch_images=1)  # the log alone says the same
+    assert replayed.cut_due(now=1e12) == [] and len(replayed.late_corrections) == 1
+    replayed.stop()
