@@ -91,7 +91,8 @@ class LoopClient:
             response = client.post(
                 "/v1/feedback", json={"feedback": [{"id": a.id, "label": a.truth} for a in answers]}
             )
-            response.raise_for_status()
+            if response.status_code != 200:
+                raise RuntimeError(f"feedback refused ({response.status_code}): {response.text[:500]}")
 
     def monitoring(self) -> dict[str, Any]:
         with self._client() as client:
@@ -155,6 +156,12 @@ def wait_for_batches(
         time.sleep(0.3)
 
 
+def mixed(files: tuple[list[Path], list[str]], rng: np.random.Generator) -> tuple[list[Path], list[str]]:
+    """Files and labels in a random order (sorted folders would send one class after another)."""
+    order = rng.permutation(len(files[0]))
+    return [files[0][i] for i in order], [files[1][i] for i in order]
+
+
 def accuracy(answers: list[Answer]) -> float:
     return float(np.mean([a.correct for a in answers])) if answers else float("nan")
 
@@ -194,6 +201,7 @@ def story(
     landing = paths.resolve(cfg.drift.landing)
     before = {p.name for p in landing.iterdir()} if landing.is_dir() else set()
     rng = np.random.default_rng(0)
+    traffic, later = mixed(traffic, rng), mixed(later, rng)  # clients arrive in no class order
     images = [shifted_png(path, shift, rng) for path in traffic[0]]
     result: dict[str, Any] = {}
     args = ["--poll-seconds", "1", "--batch-images", str(batch_images), "--batch-minutes", "600"]
