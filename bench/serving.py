@@ -146,6 +146,20 @@ async def load(url: str, bodies: list[bytes], requests: int, concurrency: int) -
     }
 
 
+def shadow_counts(port: int) -> dict[str, float]:
+    """The service's shadow counters: images the challenger scored, and images it skipped."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    counts = {"shadow_scored": 0.0, "shadow_skipped": 0.0}
+    for line in text.splitlines():
+        if line.startswith("serving_shadow_scored_images_total"):
+            counts["shadow_scored"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("serving_shadow_skipped_images_total"):
+            counts["shadow_skipped"] += float(line.rsplit(" ", 1)[1])
+    return counts
+
+
 def ceiling(model, pixels, batch: int, repeats: int = 5) -> float:
     """Images/s of predict_on_batch on decoded images in batches of `batch` (median of repeats)."""
     rates = []
@@ -213,7 +227,12 @@ def main(argv: list[str] | None = None) -> int:
                 wait_for(f"http://127.0.0.1:{port}/v1/models/{name}/labels/canary", server)
             for concurrency in concurrencies:
                 url = f"http://127.0.0.1:{port}/v1/models/{name}:predict"
+                shadowed = shadow_counts(port)
                 row = asyncio.run(load(url, bodies, args.requests, concurrency))
+                if "--shadow-fraction" in extra:  # what the challenger scored, and what it shed
+                    time.sleep(2)
+                    after = shadow_counts(port)
+                    row.update({key: after[key] - shadowed[key] for key in after})
                 rows.append({"server": f"{label} ({batch_timeout:g} ms)", "concurrency": concurrency, **row})
                 print(rows[-1], flush=True)
         finally:
@@ -260,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| server | concurrency | p50 ms | p95 ms | p99 ms | images/s | failed |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
+        if row["concurrency"] == 0 and args.only_loop:
+            continue
         if row["concurrency"] == 0:
             print(f"| {row['server']} | - | - | - | - | {row['images_per_s']:.0f} | - |")
             continue
@@ -294,7 +315,16 @@ def main(argv: list[str] | None = None) -> int:
     if other is not None:
         for concurrency in (1, 32):
             ratio = p99("ours, shadow 0.5", concurrency) / p99("ours, shadow 0 ", concurrency)
-            print(f"p99 shadow 0.5 / shadow 0 at concurrency {concurrency}: {ratio:.3f} (target <= 1.1)")
+            shadowed = next(
+                r
+                for r in rows
+                if r["server"].startswith("ours, shadow 0.5") and r["concurrency"] == concurrency
+            )
+            print(
+                f"p99 shadow 0.5 / shadow 0 at concurrency {concurrency}: {ratio:.3f} (target <= 1.1); "
+                f"challenger scored {shadowed['shadow_scored']:.0f} images, skipped "
+                f"{shadowed['shadow_skipped']:.0f} (of about {args.requests // 2} shadowed)"
+            )
     if not args.skip_peer and not args.only_loop:
         peer = rate("mlflow models serve", 32)
         print(f"ours (batching on) / mlflow models serve at concurrency 32: {on / peer:.1f}x")

@@ -22,7 +22,7 @@ import io
 import json
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -62,6 +62,18 @@ class NotReady(ServingError):
     status = 503
 
 
+class ImageInfo(NamedTuple):
+    """What checking an image learned about it (the prediction log records it)."""
+
+    width: int
+    height: int
+    format: str
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
 @dataclass(frozen=True)
 class PredictRequest:
     """A parsed predict request: the images' bytes in order and the layout to answer in."""
@@ -69,6 +81,7 @@ class PredictRequest:
     images: list[bytes]
     layout: Layout
     pixels: int = 0  # width x height summed over the images, once checked
+    checked: tuple[ImageInfo, ...] = ()  # each image's size and format, once checked
 
 
 def _where(index: int | None, name: str | None = None) -> str:
@@ -153,11 +166,11 @@ def check_image(
     index: int | None = None,
     name: str | None = None,
     decode_limit: int | None = None,
-) -> int:
+) -> ImageInfo:
     """Refuse bytes that are not one whole image the model's decoder reads, or that are too large.
 
     Returns:
-        The image's pixels (width x height).
+        The image's width, height and format.
 
     Raises:
         ServingError: (400) naming the instance (or file) and the problem.
@@ -193,7 +206,7 @@ def check_image(
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             what = "a truncated image" if failure_reason(data, error) == "truncated" else "undecodable"
             raise ServingError(f"{where}: {what} ({error})") from None
-    return int(width * height)
+    return ImageInfo(int(width), int(height), str(image.format))
 
 
 def text(value: Any) -> str:

@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -323,11 +323,16 @@ class ServingLoop:
         label: str | None,
         endpoint: str,
         images: list[bytes],
+        checked: Sequence[Any],
         probabilities: Any,
         classes: list[str],
         latency_ms: float,
     ) -> Any:
-        """Queue one record per image; returns the future that is done once they are written."""
+        """Write one record per image (`checked`: each image's (width, height, format), when known).
+
+        Returns:
+            A done future, failed when the disk refused.
+        """
         when = now_iso()
         records, pending = [], []
         for index, (data, row) in enumerate(zip(images, probabilities, strict=True)):
@@ -348,7 +353,8 @@ class ServingLoop:
                 "latency_ms": round(latency_ms, 3),
             }
             records.append(record)
-            pending.append(ImageToLog(data, record))
+            info = checked[index] if index < len(checked) else None
+            pending.append(ImageToLog(data, record, info))
         return self.log.append(records, pending)
 
     def record_shadow(

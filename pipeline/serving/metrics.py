@@ -77,7 +77,8 @@ class ServingMetrics:
         )  # fmt: skip
         self.shadow_skipped = Counter(
             f"{PREFIX}_shadow_skipped_images",
-            "Images not shadow-scored: serve.max_shadow_images were waiting, or the challenger failed.",
+            "Images not shadow-scored: serve.max_shadow_images were waiting, no idle moment came in 30 s, "
+            "or the challenger failed.",
             registry=r,
         )
 

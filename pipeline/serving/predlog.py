@@ -13,12 +13,12 @@ Records (each has `kind` and `time`):
     feedback    id, index, label, previous (the label it replaces, or null), correction
     cut         batch, labelled, destination, images [[id, index, label|null, stored], ...]
 
-One writer thread per process appends them: a request's records are written
-(`os.write` on an O_APPEND file, so they are in the kernel before the client
-gets its answer and survive the process being killed) before its response
-leaves, with the records of concurrent requests in the same write (group
-commit). `fsync` runs every `serve.log_fsync_seconds` (0: before each
-answer), bounding what a machine crash could lose. Files roll at
+A request's records are written in the request's own thread (one `os.write`
+of whole lines on an O_APPEND file, so they are in the kernel before the
+client gets its answer and survive the process being killed; no thread hop,
+which cost more than the write). `fsync` runs every `serve.log_fsync_seconds`
+in a background thread (0: before each answer), bounding what a machine crash
+could lose. Files roll at
 `serve.log_roll_mb` or `serve.log_roll_minutes`; each process writes its own
 files, so several uvicorn workers never interleave a line.
 """
@@ -30,12 +30,11 @@ import io
 import json
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -58,18 +57,14 @@ class ImageToLog:
 
     data: bytes
     record: dict[str, Any]
+    size: tuple[int, int, str] | None = None  # (width, height, format) when the caller knows them
 
 
-@dataclass
-class _Entry:
-    records: list[dict[str, Any]]
-    images: list[ImageToLog] = field(default_factory=list)
-    done: Future[None] = field(default_factory=Future)
-
-
-def describe_image(data: bytes) -> tuple[str, dict[str, Any]]:
-    """The image's sha256 and {width, height, bytes, format} (its header only is read)."""
+def describe_image(data: bytes, size: tuple[int, int, str] | None = None) -> tuple[str, dict[str, Any]]:
+    """The image's sha256 and {width, height, bytes, format} (its header is read unless `size` says)."""
     digest = hashlib.sha256(data).hexdigest()
+    if size is not None:
+        return digest, {"width": size[0], "height": size[1], "format": size[2], "bytes": len(data)}
     try:
         with Image.open(io.BytesIO(data)) as image:
             info = {"width": image.width, "height": image.height, "format": image.format}
@@ -79,14 +74,14 @@ def describe_image(data: bytes) -> tuple[str, dict[str, Any]]:
 
 
 class PredictionLog:
-    """Appends records from one process to its own rolled JSONL files (one writer thread).
+    """Appends records from one process to its own rolled JSONL files.
 
     Args:
         folder: serve.log_dir.
         store_images: keep each image under images/ (content-addressed: a repeat is stored once).
         roll_bytes / roll_seconds: start a new file at this size or age.
-        fsync_seconds: fsync this often; 0 before every answer.
-        on_written: called in the writer thread with each record once it is written.
+        fsync_seconds: fsync this often (a background thread); 0 before every answer.
+        on_written: called with each record once it is written, before `append` returns.
     """
 
     def __init__(
@@ -103,87 +98,65 @@ class PredictionLog:
         self.roll_bytes, self.roll_seconds, self.fsync_seconds = roll_bytes, roll_seconds, fsync_seconds
         self.on_written = on_written
         (folder / LOG_FOLDER).mkdir(parents=True, exist_ok=True)
-        self._queue: queue.SimpleQueue[_Entry | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
         self._fd: int | None = None
         self._file: Path | None = None
         self._opened_at = 0.0
         self._size = 0
         self._files = 0
-        self._synced_at = time.monotonic()
         self._dirty = False
         self.own_files: set[Path] = set()
         self.errors = 0
-        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
-        self._thread.start()
-
-    # -- the request side ------------------------------------------------------------------------
+        self._stop = threading.Event()
+        self._syncer: threading.Thread | None = None
+        if fsync_seconds > 0:
+            self._syncer = threading.Thread(target=self._sync_loop, name="prediction-log-fsync", daemon=True)
+            self._syncer.start()
 
     def append(self, records: list[dict[str, Any]], images: list[ImageToLog] | None = None) -> Future[None]:
-        """Queue records (and images to hash, inspect and store into their records); done once written."""
-        entry = _Entry(records, images or [])
-        self._queue.put(entry)
-        return entry.done
+        """Write records now (images hashed, inspected and stored into their records first).
+
+        Written in this call, without a thread hop: one `os.write` of whole lines on an O_APPEND
+        file, so the records are in the kernel (they survive this process being killed) before
+        the caller answers its client. Returns a done future (failed when the disk refused).
+        """
+        done: Future[None] = Future()
+        try:
+            for image in images or []:
+                self._fill(image)
+            lines = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records)
+            with self._lock:
+                self._write(lines)
+        except Exception as error:  # a full disk: the request gets its error, the log goes on
+            self.errors += 1
+            log.exception("the prediction log could not be written in %s", self.folder)
+            done.set_exception(error)
+            return done
+        if self.on_written is not None:  # before the answer: a client's next call sees its records
+            for record in records:
+                try:
+                    self.on_written(record)
+                except Exception:
+                    log.exception("a prediction-log listener failed on %s", record.get("kind"))
+        done.set_result(None)
+        return done
 
     def close(self) -> None:
-        """Write what is queued, fsync, close the file and stop the writer."""
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        """fsync and close the file; stop the fsync thread."""
+        self._stop.set()
+        if self._syncer is not None:
+            self._syncer.join(timeout=30)
+        with self._lock:
+            if self._fd is not None:
+                self._sync_locked()
+                os.close(self._fd)
+                self._fd = None
 
     @property
     def current_file(self) -> Path | None:
         return self._file
 
-    # -- the writer thread -----------------------------------------------------------------------
-
-    def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            timeout = self.fsync_seconds if self._dirty and self.fsync_seconds > 0 else None
-            try:
-                first = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                self._sync()
-                continue
-            entries = [first]
-            while True:  # group commit: everything queued meanwhile goes into the same write
-                try:
-                    entries.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stopping = None in entries
-            live = [e for e in entries if e is not None]
-            try:
-                self._write(live)
-            except Exception as error:  # a full disk: the requests get their error, the log goes on
-                self.errors += 1
-                log.exception("the prediction log could not be written in %s", self.folder)
-                for entry in live:
-                    if not entry.done.done():
-                        entry.done.set_exception(error)
-                continue
-            if self.on_written is not None:  # before the answers: a client's next call sees its records
-                for entry in live:
-                    for record in entry.records:
-                        try:
-                            self.on_written(record)
-                        except Exception:
-                            log.exception("a prediction-log listener failed on %s", record.get("kind"))
-            for entry in live:
-                entry.done.set_result(None)
-        self._sync()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def _write(self, entries: list[_Entry]) -> None:
-        for entry in entries:
-            for image in entry.images:
-                self._fill(image)
-        lines = b"".join(
-            json.dumps(record, separators=(",", ":")).encode() + b"\n"
-            for entry in entries
-            for record in entry.records
-        )
+    def _write(self, lines: bytes) -> None:
         if not lines:
             return
         self._roll_if_due(len(lines))
@@ -193,11 +166,11 @@ class PredictionLog:
             written += os.write(self._fd, lines[written:])
         self._size += len(lines)
         self._dirty = True
-        if self.fsync_seconds == 0 or time.monotonic() - self._synced_at >= self.fsync_seconds:
-            self._sync()
+        if self.fsync_seconds == 0:
+            self._sync_locked()
 
     def _fill(self, image: ImageToLog) -> None:
-        digest, info = describe_image(image.data)
+        digest, info = describe_image(image.data, image.size)
         image.record.update(sha256=digest, image=info, stored=None)
         if self.store_images:
             suffix = EXTENSIONS.get(str(info["format"]), ".img")
@@ -205,7 +178,7 @@ class PredictionLog:
             target = self.folder / relative
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
-                partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+                partial = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.part")
                 with partial.open("wb") as handle:
                     handle.write(image.data)
                 os.replace(partial, target)  # whole or absent
@@ -216,7 +189,7 @@ class PredictionLog:
         if self._fd is not None and self._size + incoming <= self.roll_bytes and age < self.roll_seconds:
             return
         if self._fd is not None:
-            self._sync()
+            self._sync_locked()
             os.close(self._fd)
         self._files += 1
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
@@ -226,11 +199,22 @@ class PredictionLog:
         self._opened_at, self._size = time.monotonic(), 0
         log.info("prediction log: writing %s", self._file)
 
-    def _sync(self) -> None:
+    def _sync_locked(self) -> None:
         if self._fd is not None and self._dirty:
             os.fsync(self._fd)
             self._dirty = False
-        self._synced_at = time.monotonic()
+
+    def _sync_loop(self) -> None:
+        """fsync every fsync_seconds, outside the lock (on a duplicate of the descriptor)."""
+        while not self._stop.wait(self.fsync_seconds):
+            with self._lock:
+                if self._fd is None or not self._dirty:
+                    continue
+                fd, self._dirty = os.dup(self._fd), False
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def log_files(folder: Path) -> list[Path]:

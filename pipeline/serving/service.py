@@ -21,7 +21,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +38,7 @@ from pipeline.serving.inputs import NotFound, NotReady, ServingError
 from pipeline.serving.loop import ServingLoop, new_request_id
 from pipeline.serving.metrics import ServingMetrics
 from pipeline.serving.model import ServableVersion
+from pipeline.serving.shadow import ShadowJob, ShadowScorer
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +123,9 @@ class ModelService:
         self.name = source.model_name
         self.metrics = metrics or ServingMetrics()
         self.loop = loop
-        self._shadow_waiting = 0
-        self._shadow_lock = threading.Lock()
-        self._shadow_pool: ThreadPoolExecutor | None = None
+        self._shadow: ShadowScorer | None = None
+        if loop is not None and cfg.shadow_fraction > 0:
+            self._shadow = ShadowScorer(cfg.max_shadow_images, self.metrics.shadow_skipped.inc)
         if loop is not None:
             self.metrics.registry.register(loop.collector(self.served))
         self._lock = threading.Lock()
@@ -159,8 +160,8 @@ class ModelService:
         with self._lock:
             self._labels = {}
         self._release_unlabelled()
-        if self._shadow_pool is not None:
-            self._shadow_pool.shutdown(wait=True)
+        if self._shadow is not None:
+            self._shadow.close()
         if self.loop is not None:
             self.loop.stop()
 
@@ -397,6 +398,12 @@ class ModelService:
         """`predict` for an asyncio server: a batched request waits for its shared model call without
         holding a thread, and only small requests of small images are read and checked on the loop.
         """
+        with self._handling():
+            return await self._predict_async(name, body, version, label)
+
+    async def _predict_async(
+        self, name: str, body: bytes, version: str | None, label: str | None
+    ) -> tuple[dict[str, Any], str]:
         started = time.perf_counter()
         try:
             if len(body) > INLINE_BODY_BYTES:
@@ -412,9 +419,9 @@ class ModelService:
         else:
             outputs = await asyncio.to_thread(self.run, served, request.images, request.pixels)
         result, version_served, written = self._answered(served, request, outputs, started, "predict")
-        if written is not None:  # the record is in the log before the client has its answer
-            await asyncio.wrap_future(written)
-        self._shadow(result.get("request_id"), served, request.images, request.pixels, outputs)
+        if written is not None:  # written in this call: the record is in the log before the answer
+            written.result()
+        self._shadow_score(result.get("request_id"), served, request.images, outputs)
         return result, version_served
 
     def _answered(
@@ -429,7 +436,8 @@ class ModelService:
         result, version = self.answer(served, request, outputs)
         request_id = new_request_id()
         result["request_id"] = request_id
-        return result, version, self._log(request_id, served, request.images, outputs, started, endpoint)
+        written = self._log(request_id, served, request.images, request.checked, outputs, started, endpoint)
+        return result, version, written
 
     def _label_of(self, served: Served) -> str | None:
         if served.label is not None:
@@ -441,6 +449,7 @@ class ModelService:
         request_id: str,
         served: Served,
         images: list[bytes],
+        checked: tuple[inputs.ImageInfo, ...],
         outputs: dict[str, np.ndarray],
         started: float,
         endpoint: str,
@@ -453,51 +462,39 @@ class ModelService:
             self._label_of(served),
             endpoint,
             images,
+            checked,
             outputs["probabilities"],
             [inputs.text(c) for c in outputs["class_names"][0]],
             (time.perf_counter() - started) * 1000.0,
         )
 
-    def _shadow(
+    def _shadow_score(
         self,
         request_id: str | None,
         served: Served,
         images: list[bytes],
-        pixels: int,
         outputs: dict[str, np.ndarray],
     ) -> None:
-        """Score a logged `stable` request with the challenger too, off the request path.
+        """Queue a logged `stable` request for the challenger (serve.shadow_fraction of them).
 
-        serve.shadow_fraction of them; the challenger's answers are logged when ready, never waited for.
+        Scored off the request path, while the service is idle (pipeline/serving/shadow.py); the
+        answers are logged when ready and never waited for.
         """
         canary = self._labels.get(CANARY)
         if (
-            self.loop is None
+            self._shadow is None
+            or self.loop is None
             or request_id is None
             or canary is None
             or canary.version == served.version
             or self._label_of(served) != STABLE
-            or self.cfg.shadow_fraction <= 0.0
             or random.random() >= self.cfg.shadow_fraction
         ):
             return
-        with self._shadow_lock:
-            if self._shadow_waiting + len(images) > self.cfg.max_shadow_images:
-                self.metrics.shadow_skipped.inc(len(images))
-                return
-            self._shadow_waiting += len(images)
         loop = self.loop
         champion_classes = [inputs.text(c) for c in outputs["predicted_class"]]
 
-        def scored(future: Future[dict[str, np.ndarray]]) -> None:
-            with self._shadow_lock:
-                self._shadow_waiting -= len(images)
-            try:
-                shadow = future.result()
-            except Exception as error:
-                self.metrics.shadow_skipped.inc(len(images))
-                log.warning("shadow scoring by %s version %s failed: %s", self.name, canary.version, error)
-                return
+        def done(shadow: dict[str, np.ndarray]) -> None:
             self.metrics.shadow_images.labels(canary.version).inc(len(images))
             loop.record_shadow(
                 request_id,
@@ -508,13 +505,19 @@ class ModelService:
                 [inputs.text(c) for c in shadow["class_names"][0]],
             )
 
-        if canary.batcher.enabled:
-            future = canary.batcher.submit(images, pixels)
-        else:
-            if self._shadow_pool is None:
-                self._shadow_pool = ThreadPoolExecutor(1, thread_name_prefix="shadow")
-            future = self._shadow_pool.submit(canary.servable.predict, images)
-        future.add_done_callback(scored)
+        self._shadow.submit(ShadowJob(len(images), lambda: canary.servable.predict(images), done))
+
+    @contextmanager
+    def _handling(self) -> Iterator[None]:
+        """A prediction request in progress: the shadow scorer waits for none to be."""
+        if self._shadow is None:
+            yield
+            return
+        self._shadow.request_started()
+        try:
+            yield
+        finally:
+            self._shadow.request_finished()
 
     def prepare(
         self,
@@ -532,20 +535,24 @@ class ModelService:
         served = self.resolve(name, version, label)
         with self._on_the_way():
             request = inputs.parse_predict(body, self.cfg.max_instances)
-            pixels = self._checked_pixels([(image, None) for image in request.images], decode_limit)
-        return served, dataclasses.replace(request, pixels=pixels)
+            checked = self._checked([(image, None) for image in request.images], decode_limit)
+        return served, dataclasses.replace(request, pixels=sum(i.pixels for i in checked), checked=checked)
 
-    def _checked_pixels(self, images: list[tuple[bytes, str | None]], decode_limit: int | None = None) -> int:
-        """Check each image (named by index, or file name); their pixels summed, within the budget."""
-        total = 0
-        for index, (image, filename) in enumerate(images):
-            total += inputs.check_image(image, self.max_pixels, index, filename, decode_limit)
+    def _checked(
+        self, images: list[tuple[bytes, str | None]], decode_limit: int | None = None
+    ) -> tuple[inputs.ImageInfo, ...]:
+        """Check each image (named by index, or file name), and their pixels together against the budget."""
+        checked = tuple(
+            inputs.check_image(image, self.max_pixels, index, filename, decode_limit)
+            for index, (image, filename) in enumerate(images)
+        )
+        total = sum(info.pixels for info in checked)
         if total > self.cfg.max_request_pixels:
             raise ServingError(
                 f"the request's {len(images)} images hold {total} pixels together, over "
                 f"serve.max_request_pixels {self.cfg.max_request_pixels}; send fewer or smaller images"
             )
-        return total
+        return checked
 
     def answer(
         self, served: Served, request: inputs.PredictRequest, outputs: dict[str, np.ndarray]
@@ -560,6 +567,10 @@ class ModelService:
         Raises:
             ServingError: 400 for no file, too many, or a file that is not a usable image.
         """
+        with self._handling():
+            return self._predict_files(files, top_k)
+
+    def _predict_files(self, files: list[tuple[str, bytes]], top_k: int | None) -> dict[str, Any]:
         started = time.perf_counter()
         served = self.resolve(self.name)
         if not files:
@@ -569,12 +580,13 @@ class ModelService:
                 f"{len(files)} files; the limit is serve.max_instances = {self.cfg.max_instances}"
             )
         with self._on_the_way():
-            pixels = self._checked_pixels([(data, filename) for filename, data in files])
+            checked = self._checked([(data, filename) for filename, data in files])
+        pixels = sum(info.pixels for info in checked)
         images = [data for _, data in files]
         outputs = self.run(served, images, pixels)
         self.metrics.observe_predictions(served.version, [inputs.text(c) for c in outputs["predicted_class"]])
         request_id = new_request_id()
-        written = self._log(request_id, served, images, outputs, started, "upload")
+        written = self._log(request_id, served, images, checked, outputs, started, "upload")
         k = min(top_k or self.cfg.top_k, outputs["probabilities"].shape[1])
         names = [inputs.text(c) for c in outputs["class_names"][0]]
         predictions = []
@@ -593,7 +605,7 @@ class ModelService:
         latency_ms = round((time.perf_counter() - started) * 1000.0, 3)
         if written is not None:
             written.result(timeout=60)
-        self._shadow(request_id, served, images, pixels, outputs)
+        self._shadow_score(request_id, served, images, outputs)
         return {
             "model_name": self.name,
             "model_version": served.version,

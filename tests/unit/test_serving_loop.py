@@ -44,7 +44,7 @@ def serve(loop: ServingLoop, request_id: str, seeds: list[int], version: str = "
     probabilities[:, top] = 0.7
     images = [png(s) for s in seeds]
     loop.record_predictions(
-        request_id, version, "stable", "predict", images, probabilities, CLASSES, 3.0
+        request_id, version, "stable", "predict", images, (), probabilities, CLASSES, 3.0
     ).result(timeout=10)
 
 
