@@ -207,7 +207,8 @@ def story(
     args = ["--poll-seconds", "1", "--batch-images", str(batch_images), "--batch-minutes", "600"]
     if log_dir is not None:
         args += ["--log-dir", str(log_dir)]
-    with running_service(params, port, *args, log_file=root / "loop-demo-serving.log") as client:
+    (root / ".cache").mkdir(exist_ok=True)
+    with running_service(params, port, *args, log_file=root / ".cache" / "loop-demo-serving.log") as client:
         old = client.monitoring()["served"]["stable"]
         reference = client.monitoring()["versions"][old]["reference_test_accuracy"]
         say(f"1. service up at {client.url}: {client.model} version {old} serves as stable")
@@ -228,7 +229,7 @@ def story(
         served = wait_for_batches(landing, "served", len(answers) // batch_images, before)
         feedback = wait_for_batches(landing, "feedback", len(labelled) // batch_images, before)
         say(
-            f"4. batches cut into {landing}: {', '.join(served)} (unlabelled); "
+            f"4. batches cut into {landing.relative_to(root) if landing.is_relative_to(root) else landing}: {', '.join(served)} (unlabelled); "
             f"{', '.join(feedback)} (labelled)"
         )
         summary = drift_check_flow(

@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -335,9 +336,9 @@ class ServingLoop:
         """
         when = now_iso()
         records, pending = [], []
-        for index, (data, row) in enumerate(zip(images, probabilities, strict=True)):
-            scores = {name: round(float(p), 6) for name, p in zip(classes, row, strict=True)}
-            top = max(range(len(classes)), key=lambda i: float(row[i]))
+        for index, (data, row) in enumerate(zip(images, np.asarray(probabilities).tolist(), strict=True)):
+            scores = {name: round(p, 6) for name, p in zip(classes, row, strict=True)}
+            top = max(range(len(classes)), key=row.__getitem__)
             record: dict[str, Any] = {
                 "kind": "prediction",
                 "time": when,
@@ -348,7 +349,7 @@ class ServingLoop:
                 "label": label,
                 "endpoint": endpoint,
                 "predicted_class": classes[top],
-                "confidence": round(float(row[top]), 6),
+                "confidence": round(row[top], 6),
                 "probabilities": scores,
                 "latency_ms": round(latency_ms, 3),
             }

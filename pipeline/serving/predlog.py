@@ -107,6 +107,8 @@ class PredictionLog:
         self._dirty = False
         self.own_files: set[Path] = set()
         self.errors = 0
+        self._root = str(folder)
+        self._stored: set[str] = set()  # digests of images this process has stored
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
         if fsync_seconds > 0:
@@ -173,16 +175,20 @@ class PredictionLog:
         digest, info = describe_image(image.data, image.size)
         image.record.update(sha256=digest, image=info, stored=None)
         if self.store_images:
-            suffix = EXTENSIONS.get(str(info["format"]), ".img")
-            relative = Path(IMAGE_FOLDER) / digest[:2] / f"{digest}{suffix}"
-            target = self.folder / relative
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                partial = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.part")
-                with partial.open("wb") as handle:
-                    handle.write(image.data)
-                os.replace(partial, target)  # whole or absent
-            image.record["stored"] = relative.as_posix()
+            # String paths, not pathlib: this runs for every image served, on the request's thread.
+            relative = f"{IMAGE_FOLDER}/{digest[:2]}/{digest}{EXTENSIONS.get(str(info['format']), '.img')}"
+            if digest not in self._stored:
+                target = os.path.join(self._root, relative)
+                if not os.path.exists(target):
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    partial = f"{target}.{os.getpid()}.{threading.get_ident()}.part"
+                    with open(partial, "wb") as handle:
+                        handle.write(image.data)
+                    os.replace(partial, target)  # whole or absent
+                if len(self._stored) > 100_000:  # a memo of what is on disk, not a record of it
+                    self._stored.clear()
+                self._stored.add(digest)
+            image.record["stored"] = relative
 
     def _roll_if_due(self, incoming: int) -> None:
         age = time.monotonic() - self._opened_at
