@@ -226,11 +226,11 @@ def story(
             f"{live['accuracy']:.3f} over {live['labelled']} labelled images, "
             f"mean confidence {live['mean_confidence']:.3f}"
         )
+        shown = landing.relative_to(root) if landing.is_relative_to(root) else landing
         served = wait_for_batches(landing, "served", len(answers) // batch_images, before)
         feedback = wait_for_batches(landing, "feedback", len(labelled) // batch_images, before)
         say(
-            f"4. batches cut into {landing.relative_to(root) if landing.is_relative_to(root) else landing}: {', '.join(served)} (unlabelled); "
-            f"{', '.join(feedback)} (labelled)"
+            f"4. batches cut into {shown}: {', '.join(served)} (unlabelled); {', '.join(feedback)} (labelled)"
         )
         summary = drift_check_flow(
             root=str(root), settle_seconds=0, overrides={"drift.cooldown_hours": 0, **(drift_overrides or {})}

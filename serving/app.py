@@ -253,7 +253,8 @@ def create_app(service: ModelService, max_body_mb: float, poll: bool = True) -> 
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
+        # The live figures read the prediction log: off the event loop.
+        return Response(await run_in_threadpool(service.metrics.exposition), media_type=CONTENT_TYPE)
 
     page = resources.files("serving").joinpath("static/index.html").read_text(encoding="utf-8")
 

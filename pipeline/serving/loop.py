@@ -203,21 +203,36 @@ class ServingLoop:
     def _apply(self, record: dict[str, Any]) -> None:
         kind = record.get("kind")
         with self._lock:
-            if kind == "prediction":
-                self._apply_prediction(record)
-            elif kind == "shadow":
-                self._apply_shadow(record)
-            elif kind == "feedback":
-                self._apply_feedback(record)
-            elif kind == "cut":
-                for request_id, index, label, _ in record["images"]:
-                    key = (request_id, index)
-                    pending = self._labelled if record["labelled"] else self._unlabelled
-                    waiting = pending.get(key)
-                    if waiting is not None and waiting.label == label:
-                        del pending[key]
-                    if record["labelled"] and key in self._index:
-                        self._cut_labels[key] = (label, record["batch"])
+            try:
+                if kind == "prediction":
+                    self._apply_prediction(record)
+                elif kind == "shadow":
+                    self._apply_shadow(record)
+                elif kind == "feedback":
+                    self._apply_feedback(record)
+                elif kind == "cut":
+                    for request_id, index, label, _ in record["images"]:
+                        self._apply_cut_image(
+                            {"kind": "cut_image", "id": request_id, "index": index, "label": label,
+                             "labelled": record["labelled"], "batch": record["batch"]}
+                        )  # fmt: skip
+            except (KeyError, TypeError, ValueError) as error:  # a record this version cannot read
+                log.warning("prediction log: a %s record skipped (%r): %s", kind, error, str(record)[:200])
+
+    def _apply_cut_image(self, cut: dict[str, Any]) -> None:
+        """One image of a cut batch leaves the queue it was cut from. (A cut record in one process's
+        file can be read before the prediction in another's: it then waits for it, as feedback does.)"""
+        key = (cut["id"], cut["index"])
+        if key not in self._index:
+            self._wait_for_prediction(key, cut)
+            return
+        if not cut["labelled"]:
+            self._unlabelled.pop(key, None)
+            return
+        waiting = self._labelled.pop(key, None)
+        self._cut_labels[key] = (cut["label"], cut["batch"])
+        if waiting is not None and waiting.label != cut["label"]:  # relabelled while it was being cut
+            self._late_correction(key, cut["batch"], cut["label"], str(waiting.label))
 
     def _apply_prediction(self, record: dict[str, Any]) -> None:
         key = (record["id"], record["index"])
@@ -240,8 +255,13 @@ class ServingLoop:
         quality.predicted[logged.predicted] += 1
         if logged.stored:
             self._unlabelled[key] = Pending(logged.time, logged.stored)
+        apply = {
+            "shadow": self._apply_shadow,
+            "feedback": self._apply_feedback,
+            "cut_image": self._apply_cut_image,
+        }
         for record in early:
-            self._apply_shadow(record) if record["kind"] == "shadow" else self._apply_feedback(record)
+            apply[record["kind"]](record)
 
     def _wait_for_prediction(self, key: Key, record: dict[str, Any]) -> None:
         self._early.setdefault(key, []).append(record)
@@ -283,25 +303,23 @@ class ServingLoop:
             self._score_shadow(pair, logged, record["label"], +1)
         cut = self._cut_labels.get(key)
         if cut is not None and cut[0] != record["label"]:
-            # Its batch (maybe trained on already) says otherwise. Cutting it again would put one image
-            # under two classes; a person fixes the batch, told here and by the monitoring endpoint.
-            self.late_corrections.append(
-                {
-                    "id": key[0],
-                    "index": key[1],
-                    "batch": cut[1],
-                    "batch_label": cut[0],
-                    "label": record["label"],
-                }
-            )
-            del self.late_corrections[:-100]
-            log.warning(
-                "image %s of request %s relabelled %r after batch %s was cut with %r; fix that batch by hand",
-                key[1], key[0], record["label"], cut[1], cut[0],
-            )  # fmt: skip
+            self._late_correction(key, cut[1], cut[0], record["label"])
         elif cut is None and logged.stored:
             self._labelled[key] = Pending(_epoch(record["time"]), logged.stored, record["label"])
             self._labelled.move_to_end(key)
+
+    def _late_correction(self, key: Key, batch: str, batch_label: str, label: str) -> None:
+        """A label that changed after its image was cut into a labelled batch (maybe trained on
+        already). Cutting it again would put one image under two classes: a person fixes the batch,
+        told here and by the monitoring endpoint."""
+        self.late_corrections.append(
+            {"id": key[0], "index": key[1], "batch": batch, "batch_label": batch_label, "label": label}
+        )
+        del self.late_corrections[:-100]
+        log.warning(
+            "image %s of request %s relabelled %r after batch %s was cut with %r; fix that batch by hand",
+            key[1], key[0], label, batch, batch_label,
+        )  # fmt: skip
 
     @staticmethod
     def _score_shadow(pair: ShadowPair, logged: Logged, label: str, sign: int) -> None:
@@ -537,11 +555,16 @@ class ServingLoop:
     def _cut(self, waiting: list[tuple[Key, Pending]], labelled: bool) -> str:
         name = f"{'feedback' if labelled else 'served'}-{datetime.now(UTC):%Y%m%dT%H%M%S%f}"
         files: dict[str, Path] = {}  # relative path in the batch -> stored image
-        for _, item in waiting:
+        for key, item in waiting:
             stored = Path(item.stored)
+            if not (self.folder / stored).is_file():  # removed by hand: it leaves the queue, named
+                log.warning(
+                    "image %s of request %s: %s is gone; not in batch %s", key[1], key[0], stored, name
+                )
+                continue
             relative = f"{item.label}/{stored.name}" if labelled else stored.name
             files[relative] = self.folder / stored
-        destination = self._write_batch(name, files)
+        destination = self._write_batch(name, files) if files else "(nothing: every image was gone)"
         images = [[key[0], key[1], item.label, item.stored] for key, item in waiting]
         record = {
             "kind": "cut",
@@ -570,12 +593,14 @@ class ServingLoop:
                 client.upload_file(str(source), location.bucket, location.key(f"{name}/{relative}"))
             return f"s3://{location.bucket}/{location.key(name)}/"
         staging = self.landing / f".cut-{name}"
-        shutil.rmtree(staging, ignore_errors=True)
-        for relative, source in files.items():
-            target = staging / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
-        staging.rename(self.landing / name)  # the batch appears whole
+        try:
+            for relative, source in files.items():
+                target = staging / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+            staging.rename(self.landing / name)  # the batch appears whole
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # left only when the copy failed
         return str(self.landing / name)
 
 

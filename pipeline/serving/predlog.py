@@ -25,6 +25,7 @@ files, so several uvicorn workers never interleave a line.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -164,8 +165,14 @@ class PredictionLog:
         self._roll_if_due(len(lines))
         assert self._fd is not None
         written = 0
-        while written < len(lines):  # os.write may write part of a large buffer
-            written += os.write(self._fd, lines[written:])
+        try:
+            while written < len(lines):  # os.write may write part of a large buffer
+                written += os.write(self._fd, lines[written:])
+        except OSError:
+            if written:  # end the torn line (a full disk), so the next record starts a line of its own
+                with contextlib.suppress(OSError):
+                    os.write(self._fd, b"\n")
+            raise
         self._size += len(lines)
         self._dirty = True
         if self.fsync_seconds == 0:

@@ -387,9 +387,12 @@ class ModelService:
         started = time.perf_counter()
         served, request = self.prepare(name, body, version, label)
         outputs = self.run(served, request.images, request.pixels)
-        result, version_served, written = self._answered(served, request, outputs, started, "predict")
+        result, version_served = self.answer(served, request, outputs)
+        request_id = result["request_id"] = new_request_id()
+        written = self._log(request_id, served, request, outputs, started, "predict")
         if written is not None:
-            written.result(timeout=60)
+            written.result()
+            self._shadow_score(request_id, served, request.images, outputs)
         return result, version_served
 
     async def predict_async(
@@ -418,26 +421,18 @@ class ModelService:
                 outputs = await asyncio.to_thread(self.run, served, request.images, request.pixels)
         else:
             outputs = await asyncio.to_thread(self.run, served, request.images, request.pixels)
-        result, version_served, written = self._answered(served, request, outputs, started, "predict")
-        if written is not None:  # written in this call: the record is in the log before the answer
+        result, version_served = self.answer(served, request, outputs)
+        request_id = result["request_id"] = new_request_id()
+        if self.cfg.log_fsync_seconds == 0:  # an fsync per answer: not on the event loop
+            written = await asyncio.to_thread(
+                self._log, request_id, served, request, outputs, started, "predict"
+            )
+        else:  # one os.write: cheaper here than a thread hop
+            written = self._log(request_id, served, request, outputs, started, "predict")
+        if written is not None:  # done: the record is in the log before the answer leaves
             written.result()
-        self._shadow_score(result.get("request_id"), served, request.images, outputs)
+            self._shadow_score(request_id, served, request.images, outputs)
         return result, version_served
-
-    def _answered(
-        self,
-        served: Served,
-        request: inputs.PredictRequest,
-        outputs: dict[str, np.ndarray],
-        started: float,
-        endpoint: str,
-    ) -> tuple[dict[str, Any], str, Future[None] | None]:
-        """TF Serving's answer with its request id, and the future of its log records (None: not logged)."""
-        result, version = self.answer(served, request, outputs)
-        request_id = new_request_id()
-        result["request_id"] = request_id
-        written = self._log(request_id, served, request.images, request.checked, outputs, started, endpoint)
-        return result, version, written
 
     def _label_of(self, served: Served) -> str | None:
         if served.label is not None:
@@ -448,12 +443,12 @@ class ModelService:
         self,
         request_id: str,
         served: Served,
-        images: list[bytes],
-        checked: tuple[inputs.ImageInfo, ...],
+        request: inputs.PredictRequest,
         outputs: dict[str, np.ndarray],
         started: float,
         endpoint: str,
     ) -> Future[None] | None:
+        """Write the request's records (None when it is not logged: no loop, or not sampled)."""
         if self.loop is None or not self.loop.sampled():
             return None
         return self.loop.record_predictions(
@@ -461,8 +456,8 @@ class ModelService:
             served.version,
             self._label_of(served),
             endpoint,
-            images,
-            checked,
+            request.images,
+            request.checked,
             outputs["probabilities"],
             [inputs.text(c) for c in outputs["class_names"][0]],
             (time.perf_counter() - started) * 1000.0,
@@ -475,7 +470,8 @@ class ModelService:
         images: list[bytes],
         outputs: dict[str, np.ndarray],
     ) -> None:
-        """Queue a logged `stable` request for the challenger (serve.shadow_fraction of them).
+        """Queue a logged `stable` request for the challenger (serve.shadow_fraction of them; callers
+        pass only requests whose records were written, so each shadow answer has its prediction).
 
         Scored off the request path, while the service is idle (pipeline/serving/shadow.py); the
         answers are logged when ready and never waited for.
@@ -586,7 +582,14 @@ class ModelService:
         outputs = self.run(served, images, pixels)
         self.metrics.observe_predictions(served.version, [inputs.text(c) for c in outputs["predicted_class"]])
         request_id = new_request_id()
-        written = self._log(request_id, served, images, checked, outputs, started, "upload")
+        written = self._log(
+            request_id,
+            served,
+            inputs.PredictRequest(images, "row", pixels, checked),
+            outputs,
+            started,
+            "upload",
+        )
         k = min(top_k or self.cfg.top_k, outputs["probabilities"].shape[1])
         names = [inputs.text(c) for c in outputs["class_names"][0]]
         predictions = []
@@ -604,8 +607,8 @@ class ModelService:
             )
         latency_ms = round((time.perf_counter() - started) * 1000.0, 3)
         if written is not None:
-            written.result(timeout=60)
-        self._shadow_score(request_id, served, images, outputs)
+            written.result()
+            self._shadow_score(request_id, served, images, outputs)
         return {
             "model_name": self.name,
             "model_version": served.version,

@@ -17,7 +17,7 @@ import subprocess
 import tomllib
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 import pytest
@@ -604,8 +604,8 @@ def test_compose_has_the_backends_and_waits_for_what_each_service_talks_to():
             )
     volumes = set(compose().get("volumes") or {})
     for name, spec in services().items():
-        for volume in spec.get("volumes", []):
-            source = resolve(volume).split(":")[0]
+        for volume in spec.get("volumes", []):  # short syntax "source:target", or the long mapping
+            source = volume["source"] if isinstance(volume, dict) else resolve(volume).split(":")[0]
             assert source.startswith((".", "/")) or source in volumes, f"services.{name}: volume {source}?"
 
 
@@ -908,3 +908,18 @@ def test_local_secret_files_are_git_ignored():
     assert not not_ignored, (
         f".gitignore: add a line ignoring {not_ignored} (copies of the *.env.example files)"
     )
+
+
+def test_compose_serving_logs_and_cuts_batches_into_the_workspace_the_drift_check_reads():
+    worker_mounts = [str(v) for v in services()["prefect-worker"]["volumes"]]
+    assert any(m.endswith("workspace}:/workspace") for m in worker_mounts), worker_mounts
+    mounts = services()[SERVING].get("volumes", [])
+    for folder in (params().serve.log_dir, params().drift.landing):
+        found = [
+            m for m in mounts
+            if isinstance(m, dict) and PurePosixPath(m["target"]) == PurePosixPath("/workspace") / folder
+        ]  # fmt: skip
+        assert len(found) == 1, f"compose.yaml serving: {folder} is not mounted at /workspace/{folder}"
+        (mount,) = found
+        assert mount["source"] == "workspace" and mount["volume"]["subpath"] == str(folder), mount
+    assert "prefect-worker" in depends(SERVING)

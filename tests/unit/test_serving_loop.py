@@ -229,3 +229,30 @@ def test_a_label_corrected_after_its_batch_was_cut_is_reported_not_cut_again(tmp
     replayed = make_loop(tmp_path, batch_images=1)  # the log alone says the same
     assert replayed.cut_due(now=1e12) == [] and len(replayed.late_corrections) == 1
     replayed.stop()
+
+
+def test_a_cut_record_read_before_its_predictions_still_takes_them_off_the_queue(tmp_path: Path):
+    leader = make_loop(tmp_path, batch_images=4)
+    serve(leader, "first", [1])  # the leader's file is opened first: it sorts before the other's
+    worker = make_loop(tmp_path, batch_images=4)
+    serve(worker, "other", [2, 3, 4])
+    leader.refresh()
+    (batch,) = leader.cut_due()  # its cut record, in the first file, names the other file's images
+    leader.stop()
+    worker.stop()
+    restarted = make_loop(tmp_path, batch_images=1)  # replays the first file, then the other
+    assert restarted.cut_due(now=1e12) == [], "images of a batch already cut were cut again"
+    restarted.stop()
+    assert len(read_batch(tmp_path / "landing" / batch).files) == 4
+
+
+def test_a_stored_image_removed_by_hand_leaves_the_queue_and_the_batch_goes_on(tmp_path: Path):
+    loop = make_loop(tmp_path, batch_images=2)
+    serve(loop, "a", [1, 2])
+    first = next(r for r in read_records(loop.folder) if r["index"] == 0)
+    (loop.folder / first["stored"]).unlink()
+    (batch,) = loop.cut_due()
+    assert [p.read_bytes() for p in (tmp_path / "landing" / batch).iterdir()] == [png(2)]
+    assert not [p for p in (tmp_path / "landing").iterdir() if p.name.startswith(".")]
+    assert loop.cut_due(now=1e12) == []
+    loop.stop()
