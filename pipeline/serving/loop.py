@@ -27,25 +27,24 @@ import fcntl
 import logging
 import os
 import random
-import shutil
 import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pipeline import s3
 from pipeline.config import PipelineConfig
 from pipeline.monitoring.check import share_distance
+from pipeline.serving.batches import write_batch
 from pipeline.serving.inputs import NotFound, ServingError
+from pipeline.serving.metrics import LiveCollector
 from pipeline.serving.predlog import ImageToLog, PredictionLog, Tail, log_files, now_iso
 
 log = logging.getLogger(__name__)
@@ -531,9 +530,9 @@ class ServingLoop:
             "log": {"folder": str(self.folder), "sample": self.serve.log_sample},
         }
 
-    def collector(self, served: Any) -> Collector:
+    def collector(self, served: Callable[[], dict[str, str]]) -> Collector:
         """A Prometheus collector of the live figures, read at each scrape (`served()`: {label: version})."""
-        return _LiveCollector(self, served)
+        return LiveCollector(lambda: self.monitoring(served()))
 
     # -- batches ---------------------------------------------------------------------------------
 
@@ -586,22 +585,7 @@ class ServingLoop:
         return name
 
     def _write_batch(self, name: str, files: dict[str, Path]) -> str:
-        if self.cfg.drift.landing_s3:
-            location = s3.parse_uri(self.cfg.drift.landing_s3, "drift.landing_s3")
-            client = s3.client(self.cfg.storage)
-            for relative, source in files.items():  # the landing pull waits drift.settle_seconds for them
-                client.upload_file(str(source), location.bucket, location.key(f"{name}/{relative}"))
-            return f"s3://{location.bucket}/{location.key(name)}/"
-        staging = self.landing / f".cut-{name}"
-        try:
-            for relative, source in files.items():
-                target = staging / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, target)
-            staging.rename(self.landing / name)  # the batch appears whole
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)  # left only when the copy failed
-        return str(self.landing / name)
+        return write_batch(name, files, self.landing, self.cfg.drift.landing_s3, self.cfg.storage)
 
 
 def _ratio(part: float, whole: float) -> float | None:
@@ -622,69 +606,3 @@ def _distance(predicted: Counter[str], training: dict[str, float] | None) -> flo
 
 def _version_order(version: str) -> tuple[int, str]:
     return (int(version), "") if version.isdigit() else (0, version)
-
-
-class _LiveCollector(Collector):
-    def __init__(self, loop: ServingLoop, served: Any) -> None:
-        self.loop, self.served = loop, served
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        report = self.loop.monitoring(self.served())
-        prefix = "serving_live"
-        accuracy = GaugeMetricFamily(
-            f"{prefix}_accuracy", "Accuracy over feedback labels, by version.", labels=["model_version"]
-        )
-        labelled = GaugeMetricFamily(
-            f"{prefix}_labelled_images", "Served images with a feedback label.", labels=["model_version"]
-        )
-        images = GaugeMetricFamily(
-            f"{prefix}_images", "Served images in the prediction log.", labels=["model_version"]
-        )
-        confidence = GaugeMetricFamily(
-            f"{prefix}_mean_confidence", "Mean top-1 probability served.", labels=["model_version"]
-        )
-        reference = GaugeMetricFamily(
-            f"{prefix}_reference_test_accuracy",
-            "The version's test accuracy at training.",
-            labels=["model_version"],
-        )
-        share = GaugeMetricFamily(
-            f"{prefix}_class_share", "Share of each class: predicted when served, or in training.",
-            labels=["model_version", "class_name", "source"],
-        )  # fmt: skip
-        for version, figures in report["versions"].items():
-            images.add_metric([version], figures["images"])
-            labelled.add_metric([version], figures["labelled"])
-            if figures["accuracy"] is not None:
-                accuracy.add_metric([version], figures["accuracy"])
-            if figures["mean_confidence"] is not None:
-                confidence.add_metric([version], figures["mean_confidence"])
-            if figures["reference_test_accuracy"] is not None:
-                reference.add_metric([version], figures["reference_test_accuracy"])
-            for name, value in figures["predicted_class_share"].items():
-                share.add_metric([version, name, "served"], value)
-            for name, value in (figures["training_class_share"] or {}).items():
-                share.add_metric([version, name, "training"], value)
-        yield from (accuracy, labelled, images, confidence, reference, share)
-        pairs = ["champion_version", "challenger_version"]
-        agreement = GaugeMetricFamily(
-            "serving_shadow_agreement",
-            "Champion-challenger top-1 agreement on shadowed images.",
-            labels=pairs,
-        )
-        shadowed = GaugeMetricFamily(
-            "serving_shadow_images", "Images the challenger scored in the shadow.", labels=pairs
-        )
-        both = GaugeMetricFamily(
-            "serving_shadow_accuracy", "Accuracy on shadowed images with feedback, by which model answered.",
-            labels=[*pairs, "model"],
-        )  # fmt: skip
-        for pair in report["shadow"]:
-            versions = [pair["champion_version"], pair["challenger_version"]]
-            shadowed.add_metric(versions, pair["images"])
-            if pair["agreement"] is not None:
-                agreement.add_metric(versions, pair["agreement"])
-            if pair["labelled"]:
-                both.add_metric([*versions, "champion"], pair["champion_accuracy"])
-                both.add_metric([*versions, "challenger"], pair["challenger_accuracy"])
-        yield from (agreement, shadowed, both)

@@ -6,6 +6,9 @@ Each service holds its own CollectorRegistry, so two services in one process
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -14,7 +17,9 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 disable_created_metrics()  # no `*_created` series: scrapers derive start times themselves
 
@@ -98,3 +103,71 @@ class ServingMetrics:
     def exposition(self) -> bytes:
         """The text format for `GET /metrics`."""
         return generate_latest(self.registry)
+
+
+class LiveCollector(Collector):
+    """The loop's live figures as gauges, read from `report()` (ServingLoop.monitoring) at each scrape."""
+
+    def __init__(self, report: Callable[[], dict[str, Any]]) -> None:
+        self.report = report
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        report = self.report()
+        prefix = "serving_live"
+        accuracy = GaugeMetricFamily(
+            f"{prefix}_accuracy", "Accuracy over feedback labels, by version.", labels=["model_version"]
+        )
+        labelled = GaugeMetricFamily(
+            f"{prefix}_labelled_images", "Served images with a feedback label.", labels=["model_version"]
+        )
+        images = GaugeMetricFamily(
+            f"{prefix}_images", "Served images in the prediction log.", labels=["model_version"]
+        )
+        confidence = GaugeMetricFamily(
+            f"{prefix}_mean_confidence", "Mean top-1 probability served.", labels=["model_version"]
+        )
+        reference = GaugeMetricFamily(
+            f"{prefix}_reference_test_accuracy",
+            "The version's test accuracy at training.",
+            labels=["model_version"],
+        )
+        share = GaugeMetricFamily(
+            f"{prefix}_class_share", "Share of each class: predicted when served, or in training.",
+            labels=["model_version", "class_name", "source"],
+        )  # fmt: skip
+        for version, figures in report["versions"].items():
+            images.add_metric([version], figures["images"])
+            labelled.add_metric([version], figures["labelled"])
+            if figures["accuracy"] is not None:
+                accuracy.add_metric([version], figures["accuracy"])
+            if figures["mean_confidence"] is not None:
+                confidence.add_metric([version], figures["mean_confidence"])
+            if figures["reference_test_accuracy"] is not None:
+                reference.add_metric([version], figures["reference_test_accuracy"])
+            for name, value in figures["predicted_class_share"].items():
+                share.add_metric([version, name, "served"], value)
+            for name, value in (figures["training_class_share"] or {}).items():
+                share.add_metric([version, name, "training"], value)
+        yield from (accuracy, labelled, images, confidence, reference, share)
+        pairs = ["champion_version", "challenger_version"]
+        agreement = GaugeMetricFamily(
+            "serving_shadow_agreement",
+            "Champion-challenger top-1 agreement on shadowed images.",
+            labels=pairs,
+        )
+        shadowed = GaugeMetricFamily(
+            "serving_shadow_images", "Images the challenger scored in the shadow.", labels=pairs
+        )
+        both = GaugeMetricFamily(
+            "serving_shadow_accuracy", "Accuracy on shadowed images with feedback, by which model answered.",
+            labels=[*pairs, "model"],
+        )  # fmt: skip
+        for pair in report["shadow"]:
+            versions = [pair["champion_version"], pair["challenger_version"]]
+            shadowed.add_metric(versions, pair["images"])
+            if pair["agreement"] is not None:
+                agreement.add_metric(versions, pair["agreement"])
+            if pair["labelled"]:
+                both.add_metric([*versions, "champion"], pair["champion_accuracy"])
+                both.add_metric([*versions, "challenger"], pair["challenger_accuracy"])
+        yield from (agreement, shadowed, both)
