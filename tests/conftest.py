@@ -103,8 +103,14 @@ def small_tree(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests use the project-local SQLite store under their own tmp root, never a shared server."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    """Tests use the project-local SQLite store under their own tmp root, never a shared server.
+
+    `mlflow.set_tracking_uri` exports MLFLOW_TRACKING_URI; a bare `delenv` of an unset variable
+    records nothing to undo, so a value a test set that way outlived it in the xdist worker and sent
+    later module fixtures to that test's store. Setting it first makes the undo remove it.
+    """
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
 
 
 def sh(cwd: Path, *args: str, check: bool = True, env: dict[str, str] | None = None) -> str:

@@ -40,7 +40,11 @@ def prefect_server():
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small digits project (3 classes x 40 images) after one training flow: v1 is champion."""
     root = small_project(tmp_path_factory.mktemp("loop") / "project")
-    training_flow(root=str(root))
+    # Module fixtures run before the autouse one that unsets MLFLOW_TRACKING_URI; a value another
+    # module left in this worker's environment would send the registration to another store.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        training_flow(root=str(root))
     return root
 
 

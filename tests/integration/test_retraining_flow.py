@@ -39,18 +39,65 @@ def land(root: Path, name: str, shift, labelled: bool = True) -> Path:
     return write_batch(files, labels, root / "data" / "landing" / name, shift, seed=1)
 
 
-def project_with_a_champion(tmp_path: Path):
-    """A small project after one training flow: (root, config, MLflow client, the champion version)."""
-    root = small_project(tmp_path / "project")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small project after one training flow, shared by this module's tests, which run in file
+    order: the clean check (its retrain keeps the data, so the model is the same) before the drifted
+    one (which adds brightened images to the data, and so to the next reference)."""
+    root = small_project(tmp_path_factory.mktemp("retraining") / "project")
+    with pytest.MonkeyPatch.context() as patch:  # module fixtures run before the autouse unset
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        training_flow(root=str(root))
+    return root
+
+
+def project_with_a_champion(root: Path):
+    """The shared project: (root, config, MLflow client, the champion version now)."""
     cfg = load_config(root / "params.yaml", root)
-    training_flow(root=str(root))
     tracking.configure(cfg.mlflow, root)
     client = mlflow.MlflowClient()
     return root, cfg, client, client.get_model_version_by_alias("flow-test", "champion")
 
 
-def test_a_drifted_labelled_batch_retrains_and_the_better_model_is_promoted(tmp_path: Path):
-    root, cfg, client, first = project_with_a_champion(tmp_path)
+def test_clean_batches_do_not_retrain_until_the_champion_is_too_old(trained: Path):
+    root, cfg, client, first = project_with_a_champion(trained)
+    registered = len(client.search_model_versions("name = 'flow-test'"))
+    trained_at = (root / "models/keras/model.keras").stat().st_mtime
+
+    # Unshifted digits the model never saw, labelled: no detector may fire, nothing is trained.
+    clean = land(root, "clean", unchanged())
+    summary = drift_check_flow(root=str(root), settle_seconds=0, overrides={"drift.cooldown_hours": 0})
+    assert summary["batches"] == {"clean": "no drift"}, summary
+    assert "training" not in summary and summary["decision"].startswith("no drift"), summary
+    assert not clean.exists() and (root / "data/landing_archive/processed/clean").is_dir()
+    assert len(client.search_model_versions("name = 'flow-test'")) == registered
+    assert (root / "models/keras/model.keras").stat().st_mtime == trained_at
+    assert not (root / "data/batches/clean.dvc").exists()
+
+    # The same clean landing area, but a champion older than drift.max_model_age_days: retrain anyway,
+    # on the data as it is (no new batch). Training is deterministic (same data, params and seed), so
+    # the candidate equals the champion on the same test split, passes the gate and is promoted.
+    aged = drift_check_flow(
+        root=str(root),
+        settle_seconds=0,
+        overrides={"drift.cooldown_hours": 0, "drift.max_model_age_days": 1e-5},  # about a second
+    )
+    assert aged["batches"] == {} and "days old" in aged["decision"], aged
+    assert "training" in aged, aged
+    assert (root / "models/keras/model.keras").stat().st_mtime > trained_at  # train was forced
+    versions = client.search_model_versions("name = 'flow-test'")
+    assert len(versions) == registered + 1
+    gate = json.loads((root / "reports/gate.json").read_text())
+    assert gate["passed"] and gate["champion_version"] == str(first.version), gate
+    assert gate["checks"]["no_regression_vs_champion"]["status"] == "passed"
+    champion = client.get_model_version_by_alias("flow-test", "champion")
+    assert champion.version != first.version and "new champion" in aged["training"], aged
+    assert "up to date" in sh(root, "dvc", "status")
+
+
+def test_a_drifted_labelled_batch_retrains_and_the_better_model_is_promoted(trained: Path):
+    root, cfg, client, first = project_with_a_champion(trained)
+    registered = len(client.search_model_versions("name = 'flow-test'"))
 
     val = read_split(StagePaths.from_config(cfg.paths, root), "val")
     quiet = write_batch(  # the reference's own images: no detector can see a difference
@@ -111,7 +158,7 @@ def test_a_drifted_labelled_batch_retrains_and_the_better_model_is_promoted(tmp_
         champion_check
     )
     versions = client.search_model_versions("name = 'flow-test'")
-    assert len(versions) == 2
+    assert len(versions) == registered + 1
     champion = client.get_model_version_by_alias("flow-test", "champion")
     assert champion.version != first.version and "new champion" in summary["training"], summary
     split_report = json.loads((root / "reports/split.json").read_text())
@@ -140,38 +187,3 @@ def test_a_drifted_labelled_batch_retrains_and_the_better_model_is_promoted(tmp_
     assert any("image_stats.brightness.p_value" in r.data.metrics for r in runs)
     published = flow_run_artifacts(state.state_details.flow_run_id)
     assert {"drift-bright", "drift-check-summary"} <= set(published)
-
-
-def test_clean_batches_do_not_retrain_until_the_champion_is_too_old(tmp_path: Path):
-    root, cfg, client, first = project_with_a_champion(tmp_path)
-    trained_at = (root / "models/keras/model.keras").stat().st_mtime
-
-    # Unshifted digits the model never saw, labelled: no detector may fire, nothing is trained.
-    clean = land(root, "clean", unchanged())
-    summary = drift_check_flow(root=str(root), settle_seconds=0, overrides={"drift.cooldown_hours": 0})
-    assert summary["batches"] == {"clean": "no drift"}, summary
-    assert "training" not in summary and summary["decision"].startswith("no drift"), summary
-    assert not clean.exists() and (root / "data/landing_archive/processed/clean").is_dir()
-    assert len(client.search_model_versions("name = 'flow-test'")) == 1
-    assert (root / "models/keras/model.keras").stat().st_mtime == trained_at
-    assert not (root / "data/batches/clean.dvc").exists()
-
-    # The same clean landing area, but a champion older than drift.max_model_age_days: retrain anyway,
-    # on the data as it is (no new batch). Training is deterministic (same data, params and seed), so
-    # the candidate equals the champion on the same test split, passes the gate and is promoted.
-    aged = drift_check_flow(
-        root=str(root),
-        settle_seconds=0,
-        overrides={"drift.cooldown_hours": 0, "drift.max_model_age_days": 1e-5},  # about a second
-    )
-    assert aged["batches"] == {} and "days old" in aged["decision"], aged
-    assert "training" in aged, aged
-    assert (root / "models/keras/model.keras").stat().st_mtime > trained_at  # train was forced
-    versions = client.search_model_versions("name = 'flow-test'")
-    assert len(versions) == 2
-    gate = json.loads((root / "reports/gate.json").read_text())
-    assert gate["passed"] and gate["champion_version"] == str(first.version), gate
-    assert gate["checks"]["no_regression_vs_champion"]["status"] == "passed"
-    champion = client.get_model_version_by_alias("flow-test", "champion")
-    assert champion.version != first.version and "new champion" in aged["training"], aged
-    assert "up to date" in sh(root, "dvc", "status")
