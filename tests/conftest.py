@@ -101,6 +101,33 @@ def small_tree(tmp_path: Path) -> Path:
     return write_tree(tmp_path / "source", digit_images(per_class=20))
 
 
+# The slowest test files, slowest first (from `make test --durations`, 2026-12-03). pytest-xdist's
+# --dist loadfile hands out files in collection order; collected alphabetically, the longest file
+# (test_own_images, about 400 s) came near the end and ran alone while the other worker idled.
+# Longest first evens out the two workers; every other file keeps its place after these.
+SLOWEST_FILES = (
+    "tests/model/test_own_images.py",
+    "tests/model/test_distributed.py",
+    "tests/integration/test_quiet_run.py",
+    "tests/integration/test_retraining_flow.py",
+    "tests/integration/test_loop.py",
+    "tests/integration/test_production_backends.py",
+    "tests/integration/test_flows.py",
+    "tests/integration/test_serving.py",
+    "tests/integration/test_gate_registry.py",
+    "tests/integration/test_serving_loop.py",
+    "tests/integration/test_tune.py",
+    "tests/integration/test_prefect_postgres.py",
+    "tests/model/test_detector_power.py",
+    "tests/integration/test_no_orphans.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {path: place for place, path in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(SLOWEST_FILES)))  # stable
+
+
 @pytest.fixture(autouse=True)
 def _isolated_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests use the project-local SQLite store under their own tmp root, never a shared server.
