@@ -49,23 +49,56 @@ def metrics_markdown(metrics: dict) -> str:
 
 
 def export_markdown(report: dict) -> str:
-    """The export table: variant, size, accuracy, latency, agreement."""
+    """The export table: variant, size, gzip size, accuracy, latency, agreement; the int8 path; ONNX."""
     rows = [
         [
             variant,
             row["size_bytes"],
+            row.get("gzip_size_bytes", ""),
             f"{row['accuracy']:.4f}",
             f"{row['latency_ms_median']:.3f}",
             f"{row['agreement_with_keras']:.4f}",
         ]
         for variant, row in report["tflite"].items()
     ]
+    onnx = report.get("onnx", {})
+    if "accuracy" in onnx:
+        rows.append(
+            [
+                "onnx (onnxruntime)",
+                onnx["size_bytes"],
+                onnx["gzip_size_bytes"],
+                f"{onnx['accuracy']:.4f}",
+                f"{onnx['latency_ms_median']:.3f}",
+                f"{onnx['agreement_with_keras']:.4f}",
+            ]
+        )
     saved = report["savedmodel"]
+    int8 = report.get("int8", {})
+    notes = f"\n\nint8: **{int8['used']}** ({int8['reason']})." if int8 else ""
+    if onnx:
+        detail = onnx.get("errors") if onnx.get("status") == "failed" else onnx.get("max_probability_diff")
+        notes += f"\n\nONNX: {onnx.get('status')} ({detail})."
     return (
         "# Export\n\n"
-        + _table(["variant", "bytes", "accuracy", "median ms", "agreement"], rows)
+        + _table(["variant", "bytes", "gzip bytes", "accuracy", "median ms", "agreement"], rows)
         + f"\n\nSavedModel `serving_default` (encoded bytes in): accuracy {saved['accuracy']:.4f}, "
-        f"agreement with Keras {saved['agreement_with_keras']:.4f}."
+        f"agreement with Keras {saved['agreement_with_keras']:.4f}." + notes
+    )
+
+
+def robustness_markdown(report: dict) -> str:
+    """Accuracy under FGSM per epsilon and under each corruption per severity."""
+    fgsm = _table(["FGSM epsilon", "accuracy"], [[eps, f"{acc:.4f}"] for eps, acc in report["fgsm"].items()])
+    rows = [
+        [name, *(f"{by_severity[s]:.4f}" for s in sorted(by_severity))]
+        for name, by_severity in report["corruptions"].items()
+    ]
+    return (
+        f"# Robustness ({report['images']} test images, clean accuracy {report['clean_accuracy']:.4f})\n\n"
+        + fgsm
+        + "\n\n"
+        + _table(["corruption", "severity 1", "severity 2", "severity 3"], rows)
     )
 
 

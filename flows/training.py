@@ -65,6 +65,7 @@ REPORT_ARTIFACTS = {
     "validate": ("validation_report", "validation", artifacts.validation_markdown),
     "split": ("split_report", "split-counts", artifacts.split_markdown),
     "evaluate": ("metrics", "test-metrics", artifacts.metrics_markdown),
+    "robustness": ("robustness_report", "robustness", artifacts.robustness_markdown),
     "export": ("export_report", "export-table", artifacts.export_markdown),
     "gate": ("gate_report", "gate-checks", artifacts.gate_markdown),
 }
@@ -183,7 +184,8 @@ def training_flow(
     root: str | None = None,
     force: list[str] | None = None,
 ) -> dict[str, str]:
-    """The stage graph: ingest, validate, split, baseline, train, evaluate, reference, export, gate, register.
+    """The stage graph: ingest, validate, split, baseline, train, evaluate, reference, robustness, explain,
+    export, gate, register.
 
     Two runs on one project never overlap: the second waits for the first,
     then finds its stages up to date.
@@ -247,7 +249,8 @@ def main() -> None:
     ran = [stage for stage, state in outcome.items() if state == "ran"]
     print(f"\nstages run: {', '.join(ran) or 'none (everything up to date)'}")
     print(
-        "reports:    reports/ (metrics.json, gate.json, export.json, validation.json, data_docs/index.html)"
+        "reports:    reports/ (metrics.json, gate.json, export.json, robustness.json, explain/index.html, "
+        "validation.json, data_docs/index.html)"
     )
     uri = tracking.tracking_uri(PROJECT_ROOT)
     if uri.startswith("http"):

@@ -202,6 +202,18 @@ class FineTuneConfig(Section):
 ModelName = Literal["small_cnn", "mobilenet_v2", "efficientnet_b0", "resnet50"]
 
 
+class DistillConfig(Section):
+    """Knowledge distillation: the configured model (the student) also learns the teacher's soft targets.
+
+    loss = alpha * cross-entropy(labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T),
+    with both softmaxes at temperature T (Hinton et al.; keras.distillation.LogitsDistillation).
+    """
+
+    teacher: str  # models:/<name>@<alias> or models:/<name>/<version> (the registry), or a .keras file
+    temperature: float = Field(2.0, gt=0.0)
+    alpha: float = Field(0.1, ge=0.0, le=1.0)  # weight of the hard-label loss; 1 - alpha on the soft one
+
+
 class TrainConfig(Section):
     """Model, optimisation and callbacks."""
 
@@ -230,6 +242,7 @@ class TrainConfig(Section):
     imbalance_threshold: float = Field(1.5, ge=1.0)
     seed: int = 42
     augment: AugmentConfig = AugmentConfig()
+    distill: DistillConfig | None = None  # null: plain training; set: the model learns from a teacher too
 
     @model_validator(mode="after")
     def _weights_choice(self) -> TrainConfig:
@@ -268,10 +281,52 @@ class BaselineConfig(Section):
     seed: int = 42
 
 
+class PruneConfig(Section):
+    """Magnitude pruning (tensorflow-model-optimization) of a tf_keras copy, fine-tuned on the train split."""
+
+    target_sparsity: float = Field(0.5, gt=0.0, lt=1.0)  # share of zero weights in conv and dense kernels
+    epochs: int = Field(2, ge=1)  # fine-tuning passes: the sparsity ramps up over the first half
+    min_steps: int = Field(200, ge=1)  # small training sets repeat until this many steps, to recover
+    batch_size: int = Field(32, ge=1)
+
+
 class ExportConfig(Section):
-    """SavedModel and TFLite export."""
+    """SavedModel, TFLite (float32, float16, dynamic range, int8 by PTQ or QAT, pruned) and ONNX."""
 
     calibration_images: int = Field(200, ge=1)
+    # ptq: post-training int8; qat: quantization-aware fine-tuning; auto: QAT only when PTQ loses more
+    # than gate.max_int8_accuracy_drop on the test split.
+    int8: Literal["ptq", "qat", "auto"] = "auto"
+    qat_epochs: int = Field(2, ge=1)  # QAT fine-tuning passes over the train split
+    qat_learning_rate: float = Field(1e-4, gt=0.0)
+    prune: PruneConfig | None = None  # null: no pruned variant
+    onnx: bool = True  # models/onnx/model.onnx, checked with onnxruntime on the test split
+
+
+class RobustnessConfig(Section):
+    """The robustness stage: accuracy under FGSM and under common corruptions, on the test split."""
+
+    epsilons: list[float] = [0.0, 0.01, 0.03, 0.1]  # FGSM step on the 0-1 pixel scale
+    corruptions: list[Literal["gaussian_noise", "blur", "brightness", "contrast", "jpeg"]] = [
+        "gaussian_noise",
+        "blur",
+        "brightness",
+        "contrast",
+        "jpeg",
+    ]
+    max_images: int = Field(1000, ge=1)  # test images used (a stratified, seeded subset of larger splits)
+    seed: int = 0
+
+
+class ExplainConfig(Section):
+    """The explain stage: Integrated Gradients, Grad-CAM and LIME on a few test images."""
+
+    per_class: int = Field(2, ge=0)  # correctly and wrongly classified alike, the first of each class
+    max_misclassified: int = Field(10, ge=0)  # every misclassified test image, up to this many
+    ig_steps: int = Field(32, ge=4)  # Riemann steps from the black baseline
+    lime: bool = True  # also LIME (the `lime` package): superpixels, a local linear model
+    lime_samples: int = Field(300, ge=10)
+    seed: int = 0
 
 
 class GateConfig(Section):
@@ -288,6 +343,10 @@ class GateConfig(Section):
     serving_smoke_test: bool = (
         True  # the exported model must load and answer over HTTP (pipeline/serving/smoke.py)
     )
+    # Robustness (reports/robustness.json); null skips the check, shown as skipped.
+    min_fgsm_accuracy: float | None = Field(None, ge=0.0, le=1.0)  # accuracy under FGSM at fgsm_epsilon
+    fgsm_epsilon: float = Field(0.01, ge=0.0, le=1.0)  # one of robustness.epsilons
+    max_corruption_drop: float | None = Field(None, ge=0.0, le=1.0)  # clean - worst corrupted accuracy
 
 
 class MlflowConfig(Section):
@@ -504,6 +563,8 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     baseline: BaselineConfig = BaselineConfig()
     export: ExportConfig = ExportConfig()
+    robustness: RobustnessConfig = RobustnessConfig()
+    explain: ExplainConfig = ExplainConfig()
     gate: GateConfig = GateConfig()
     mlflow: MlflowConfig = MlflowConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
@@ -513,6 +574,15 @@ class PipelineConfig(Section):
     serve: ServeConfig = ServeConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _fgsm_epsilon_measured(self) -> PipelineConfig:
+        if self.gate.min_fgsm_accuracy is not None and self.gate.fgsm_epsilon not in self.robustness.epsilons:
+            raise ValueError(
+                f"gate.fgsm_epsilon {self.gate.fgsm_epsilon} is not one of robustness.epsilons "
+                f"{self.robustness.epsilons}: the robustness stage must measure the epsilon the gate checks"
+            )
+        return self
 
 
 # Settings a deployment gives as environment variables (bucket names differ per environment). They are

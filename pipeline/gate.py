@@ -68,6 +68,7 @@ def at_most(name: str, value: float, threshold: float, detail: str = "") -> Gate
 def threshold_checks(metrics: dict, baseline: dict, export: dict, cfg: GateConfig) -> list[GateCheck]:
     """The checks against fixed thresholds from params (pure)."""
     int8_drop = export["keras"]["accuracy"] - export["tflite"]["int8"]["accuracy"]
+    int8_path = export.get("int8", {}).get("used", "ptq")  # older reports: post-training int8 only
     checks = [
         at_least("min_accuracy", metrics["accuracy"], cfg.min_accuracy, "test accuracy"),
         at_least("min_macro_f1", metrics["macro_f1"], cfg.min_macro_f1, "test macro F1"),
@@ -81,10 +82,59 @@ def threshold_checks(metrics: dict, baseline: dict, export: dict, cfg: GateConfi
             "int8_accuracy_drop",
             int8_drop,
             cfg.max_int8_accuracy_drop,
-            "Keras accuracy - int8 TFLite accuracy on the test split",
+            f"Keras accuracy - int8 TFLite accuracy on the test split (int8 by {int8_path})",
         ),
+        pruned_check(export, cfg),
     ]
     return [policy_note(check) if check.name in POLICY_THRESHOLDS else check for check in checks]
+
+
+def pruned_check(export: dict, cfg: GateConfig) -> GateCheck:
+    """The pruned int8 model loses no more than int8 may (export.prune); skipped without one."""
+    name = "pruned_accuracy_drop"
+    row = export.get("tflite", {}).get("pruned_int8")
+    if row is None:
+        detail = export.get("pruning", {}).get("error") or "export.prune is null: no pruned variant"
+        status = "failed" if "pruning" in export else "skipped"
+        return GateCheck(name, None, cfg.max_int8_accuracy_drop, status, detail)
+    return at_most(
+        name,
+        export["keras"]["accuracy"] - row["accuracy"],
+        cfg.max_int8_accuracy_drop,
+        f"Keras accuracy - pruned int8 accuracy (sparsity {row['sparsity']:.3f}, "
+        f"gzip {row['gzip_size_bytes']} bytes vs {export['tflite']['int8']['gzip_size_bytes']} dense)",
+    )
+
+
+def robustness_checks(robustness: dict | None, cfg: GateConfig) -> list[GateCheck]:
+    """Accuracy under FGSM and the worst corruption's drop (reports/robustness.json); skipped when unset."""
+    from pipeline.robustness import fgsm_accuracy
+
+    fgsm_name, corruption_name = "min_fgsm_accuracy", "max_corruption_drop"
+    checks = []
+    if cfg.min_fgsm_accuracy is None:
+        checks.append(GateCheck(fgsm_name, None, 0.0, "skipped", "gate.min_fgsm_accuracy is null"))
+    else:
+        value = fgsm_accuracy(robustness or {}, cfg.fgsm_epsilon)
+        if value is None:
+            detail = f"reports/robustness.json has no FGSM accuracy at epsilon {cfg.fgsm_epsilon}"
+            checks.append(GateCheck(fgsm_name, None, cfg.min_fgsm_accuracy, "failed", detail))
+        else:
+            detail = f"test accuracy under FGSM at epsilon {cfg.fgsm_epsilon} (0-1 pixel scale)"
+            checks.append(at_least(fgsm_name, value, cfg.min_fgsm_accuracy, detail))
+    if cfg.max_corruption_drop is None:
+        checks.append(GateCheck(corruption_name, None, 0.0, "skipped", "gate.max_corruption_drop is null"))
+    else:
+        worst = (robustness or {}).get("worst_corruption")
+        if worst is None:
+            detail = "reports/robustness.json has no corruption results (robustness.corruptions)"
+            checks.append(GateCheck(corruption_name, None, cfg.max_corruption_drop, "failed", detail))
+        else:
+            detail = (
+                f"clean accuracy - accuracy under {worst['name']} at severity {worst['severity']} (the worst)"
+            )
+            checks.append(at_most(corruption_name, worst["drop"], cfg.max_corruption_drop, detail))
+    return checks
 
 
 # Absolute floors that are product policy, not properties of the model: chosen for the digits, they
@@ -237,6 +287,10 @@ def run(cfg: PipelineConfig, paths: StagePaths) -> GateResult:
     export = read_report(paths.export_report, "export")
     class_names = read_class_names(paths.classes)
     checks = threshold_checks(metrics, baseline, export, cfg.gate)
+    robustness = None
+    if cfg.gate.min_fgsm_accuracy is not None or cfg.gate.max_corruption_drop is not None:
+        robustness = read_report(paths.robustness_report, "robustness")
+    checks.extend(robustness_checks(robustness, cfg.gate))
     checks.append(smoke_check(cfg, paths))
     comparison = champion_check(metrics["accuracy"], class_names, cfg, paths)
     checks.append(comparison.check)

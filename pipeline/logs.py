@@ -19,8 +19,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # split path is "ambiguous" although both candidates are the same class.
 warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
 
+# Keras' bundled tf2onnx probes `np.object`, which NumPy 2 warns about on every ONNX export.
+warnings.filterwarnings("ignore", message="In the future `np.object` will be defined", category=FutureWarning)
+
 # Libraries whose INFO records narrate their own internals (DVC: "Updating lock file", twice per stage).
-QUIET_LOGGERS = ("great_expectations", "absl", "tensorflow", "h5py", "matplotlib", "PIL", "dvc")
+QUIET_LOGGERS = ("great_expectations", "absl", "tensorflow", "h5py", "matplotlib", "PIL", "dvc", "tf2onnx")
 
 
 def quiet_libraries() -> None:

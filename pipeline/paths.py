@@ -90,6 +90,20 @@ class StagePaths:
         return self.reports / "export.json"
 
     @property
+    def robustness_report(self) -> Path:
+        """Accuracy under FGSM per epsilon and under each corruption per severity."""
+        return self.reports / "robustness.json"
+
+    @property
+    def robustness_plot(self) -> Path:
+        return self.reports / "robustness.png"
+
+    @property
+    def explain(self) -> Path:
+        """Saliency overlays (PNG) and index.html of the explain stage."""
+        return self.reports / "explain"
+
+    @property
     def gate_report(self) -> Path:
         return self.reports / "gate.json"
 
@@ -146,6 +160,11 @@ class StagePaths:
     @property
     def tflite(self) -> Path:
         return self.models / "tflite"
+
+    @property
+    def onnx(self) -> Path:
+        """The ONNX export: models/onnx/model.onnx."""
+        return self.models / "onnx" / "model.onnx"
 
     @property
     def labels(self) -> Path:

@@ -45,6 +45,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("train", "pipeline.train", "Train the configured model; starts the pipeline's MLflow run."),
     Stage("evaluate", "pipeline.evaluate", "Score the trained model on the test split."),
     Stage("reference", "pipeline.reference", "Profile the validation split: the drift reference."),
+    Stage("robustness", "pipeline.robustness", "Accuracy under FGSM and common corruptions (test split)."),
+    Stage("explain", "pipeline.explain", "Integrated Gradients, Grad-CAM and LIME on test images."),
     Stage("export", "pipeline.export", "Export SavedModel and TFLite variants, measured on the test split."),
     Stage("gate", "pipeline.gate", "Check the model against thresholds, the baseline and the champion."),
     Stage("register", "pipeline.register", "Register the model; alias champion only if the gate passed."),
