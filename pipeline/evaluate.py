@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -168,6 +170,48 @@ def write_reports(
     )
 
 
+def keras_file_bytes(model: Any) -> int:
+    """The size of the model saved as a .keras file."""
+    with tempfile.TemporaryDirectory() as folder:
+        target = Path(folder) / "model.keras"
+        model.save(target)
+        return target.stat().st_size
+
+
+def model_figures(model: Any, images: np.ndarray, labels: np.ndarray, latency_images: int) -> dict:
+    """Accuracy, size and CPU latency of one model on the test images (at its own input size)."""
+    predicted = predict(model, images).argmax(axis=1)
+    return {
+        "accuracy": float((predicted == labels).mean()),
+        "params": int(model.count_params()),
+        "keras_file_bytes": keras_file_bytes(model),
+        "latency_ms_per_image": latency_ms(model, images, latency_images),
+    }
+
+
+def distillation_comparison(
+    cfg: PipelineConfig, paths: StagePaths, model: Any, names: list[str], labels: np.ndarray
+) -> dict:
+    """Student (this model) and teacher (train.distill.teacher) on the same test split."""
+    from pipeline.teacher import load_teacher
+
+    assert cfg.train.distill is not None
+    teacher = load_teacher(cfg.train.distill, cfg.mlflow, paths.root, names)
+    files = image_files(read_split(paths, "test"), paths.root)
+    budget = cfg.evaluate.latency_images
+    student = model_figures(model, load_files(files, input_size(model)), labels, budget)
+    taught = model_figures(teacher.model, load_files(files, input_size(teacher.model)), labels, budget)
+    return {
+        "teacher": {**teacher.describe(), **taught},
+        "student": student,
+        "temperature": cfg.train.distill.temperature,
+        "alpha": cfg.train.distill.alpha,
+        "accuracy_gap": round(taught["accuracy"] - student["accuracy"], 6),
+        "size_ratio": round(student["keras_file_bytes"] / taught["keras_file_bytes"], 4),
+        "latency_ratio": round(student["latency_ms_per_image"] / taught["latency_ms_per_image"], 4),
+    }
+
+
 def run(cfg: PipelineConfig, paths: StagePaths) -> EvaluateResult:
     """Evaluate the trained model on the test split and log the results to the pipeline's run."""
     model, names, _, images, labels, probabilities = score_test_split(cfg, paths)
@@ -175,11 +219,33 @@ def run(cfg: PipelineConfig, paths: StagePaths) -> EvaluateResult:
         labels, probabilities, names, cfg.evaluate.top_k, cfg.evaluate.calibration_bins
     )
     metrics["latency_ms_per_image"] = latency_ms(model, images, cfg.evaluate.latency_images)
+    if cfg.train.distill is not None:
+        metrics["distillation"] = distillation_comparison(cfg, paths, model, names, labels)
     write_reports(metrics, labels, probabilities, names, paths)
     with tracking.resume_run(cfg.mlflow, paths):
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)})
+        if "distillation" in metrics:
+            compared = metrics["distillation"]
+            mlflow.log_metrics(
+                {
+                    f"distill_{who}_{k}": float(v)
+                    for who in ("teacher", "student")
+                    for k, v in compared[who].items()
+                    if isinstance(v, int | float)
+                }
+            )
         for report in (paths.metrics, paths.confusion_matrix, paths.classification_report):
             mlflow.log_artifact(str(report), "reports")
+    if "distillation" in metrics:
+        compared = metrics["distillation"]
+        log.info(
+            "student %.4f vs teacher %s %.4f on the test split; size x%.3f, latency x%.3f",
+            compared["student"]["accuracy"],
+            compared["teacher"]["uri"],
+            compared["teacher"]["accuracy"],
+            compared["size_ratio"],
+            compared["latency_ratio"],
+        )
     log.info(
         "test accuracy %.4f, macro F1 %.4f, ECE %.4f, %.2f ms/image",
         metrics["accuracy"],

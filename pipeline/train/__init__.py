@@ -20,8 +20,9 @@ import tensorflow as tf
 from pipeline import tracking
 from pipeline.artifacts import class_names_of, read_split, write_class_names, write_report
 from pipeline.config import PipelineConfig, TrainConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.paths import StagePaths
+from pipeline.teacher import Teacher, load_teacher
 from pipeline.train import distribute
 from pipeline.train.augment import augmentation
 from pipeline.train.data import image_dataset
@@ -176,6 +177,30 @@ def learning_report(history: pd.DataFrame, val: pd.DataFrame, recipe: Recipe) ->
     return report
 
 
+def distillation_teacher(
+    cfg: PipelineConfig, paths: StagePaths, names: list[str], dist: distribute.Distribution
+) -> Teacher | None:
+    """The teacher of `train.distill`, loaded (inside the strategy's scope), or None without one."""
+    if cfg.train.distill is None:
+        return None
+    if dist.multi_worker:
+        raise ConfigError(
+            "train.distill: distillation runs on one machine (one device or mirrored GPUs); "
+            "unset TF_CONFIG or train.distribution: multi_worker"
+        )
+    return load_teacher(cfg.train.distill, cfg.mlflow, paths.root, names)
+
+
+def distill_summary(cfg: PipelineConfig, teacher: Teacher) -> dict:
+    """What the training report says about the teacher and the distillation params."""
+    assert cfg.train.distill is not None
+    return {
+        **teacher.describe(),
+        "temperature": cfg.train.distill.temperature,
+        "alpha": cfg.train.distill.alpha,
+    }
+
+
 def _train(
     cfg: PipelineConfig,
     paths: StagePaths,
@@ -187,6 +212,7 @@ def _train(
     dist = dataclasses.replace(dist, global_batch_size=recipe.global_batch_size)
     with dist.strategy.scope():
         built = build_model(cfg.train, len(names), paths.root, recipe.image_size, dist.replicas)
+        teacher = distillation_teacher(cfg, paths, names, dist)
     backup = paths.train_backup / run_fingerprint(cfg.train, paths)
     if not dist.chief:  # per-worker resume state, on the same (shared) storage
         backup = backup / "workers" / dist.worker
@@ -197,6 +223,9 @@ def _train(
     with active as run_, dist.strategy.scope():
         if dist.chief and not resumed:
             log_run_context(cfg, paths, splits, built, dist, recipe)
+            if teacher is not None:
+                mlflow.set_tags({f"distill.teacher_{k}": str(v) for k, v in teacher.describe().items()})
+                mlflow.log_params({"distill.teacher_version": teacher.version or "file"})
         outputs = Outputs(
             checkpoint=paths.checkpoint if dist.chief else backup / "keras" / "checkpoint.keras",
             tensorboard=paths.tensorboard if dist.chief else None,
@@ -213,6 +242,7 @@ def _train(
             class_weights(splits["train"], names, cfg.train),
             dist,
             callbacks,
+            teacher.model if teacher is not None else None,
         )
         digest = weights_digest(built.model)
         log.info("final weights sha256 %s (%s)", digest, dist.worker)
@@ -230,7 +260,8 @@ def _train(
         history_path.parent.mkdir(parents=True, exist_ok=True)
         history.to_csv(history_path, index=False, lineterminator="\n")
         learned = learning_report(history, splits["val"], recipe)
-        write_report({"recipe": recipe.as_dict(), **learned}, paths.train_report)
+        distilled = {} if teacher is None else {"distill": distill_summary(cfg, teacher)}
+        write_report({"recipe": recipe.as_dict(), **learned, **distilled}, paths.train_report)
         mlflow.log_metrics({"steps_run": learned["steps_run"], "learned": float(learned["learned"])})
         mlflow.log_artifact(str(history_path), "reports")
         mlflow.log_artifact(str(paths.train_report), "reports")

@@ -21,6 +21,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from pipeline.config import TrainConfig
 from pipeline.train.callbacks import history_file, training_callbacks
+from pipeline.train.distill import distiller
 from pipeline.train.distribute import Distribution
 from pipeline.train.loop import fit_multi_worker
 from pipeline.train.models import BuiltModel, unfreeze_top
@@ -135,8 +136,12 @@ def fit_phases(
     weights: dict[int, float] | None,
     dist: Distribution,
     extra: Sequence[keras.callbacks.Callback] = (),
+    teacher: keras.Model | None = None,
 ) -> None:
     """Train: one phase for the small CNN; head then fine-tuning for transfer models.
+
+    With a `teacher` (train.distill), every phase fits a keras.distillation
+    Distiller around the model, which trains the model's own weights.
 
     A finished head phase is saved under `backup`, so a run killed during
     fine-tuning resumes there instead of redoing the head. Only the chief
@@ -144,6 +149,8 @@ def fit_phases(
     keep theirs under `backup`.
     """
     model, base = built.model, built.base
+    if teacher is not None and cfg.distill is not None:
+        model = distiller(teacher, model, cfg.distill)
     first_phase = "train" if base is None else "head"
     head_done = backup / "head.weights.h5"
 
