@@ -186,6 +186,10 @@ class LimeMask:
         return np.isin(self.segments, ranked)
 
 
+def _no_progress_bar(iterable: Any, *args: Any, **kwargs: Any) -> Any:
+    return iterable
+
+
 def lime_mask(model: Any, image: np.ndarray, class_id: int, samples: int, seed: int) -> LimeMask:
     """LIME (lime.lime_image) for one image: superpixels hidden to black, a weighted ridge fit.
 
@@ -199,9 +203,13 @@ def lime_mask(model: Any, image: np.ndarray, class_id: int, samples: int, seed: 
     Raises:
         ImportError: when `lime` is not installed.
     """
+    from lime import lime_image
     from lime.lime_image import LimeImageExplainer
     from lime.wrappers.scikit_image import SegmentationAlgorithm
 
+    # lime 0.2.0.1 draws a tqdm bar per image on stderr and has no switch for it: one line per
+    # event is what the pipeline prints (pipeline/logs.py), so its module's `tqdm` passes through.
+    lime_image.tqdm = _no_progress_bar
     settings = dict(LIME_SEGMENTATION)
     segmentation = SegmentationAlgorithm(settings.pop("algorithm"), start_label=0, **settings)
     explainer = LimeImageExplainer(random_state=seed)

@@ -64,6 +64,8 @@ def assert_champion_lineage(root: Path) -> None:
     gate = json.loads((root / "reports/gate.json").read_text())
     assert gate["passed"] and gate["champion_version"] is None  # the first model: nothing to compare with
     statuses = {name: check["status"] for name, check in gate["checks"].items()}
+    optional = ("pruned_accuracy_drop", "min_fgsm_accuracy", "max_corruption_drop")  # unset in params.yaml
+    assert [statuses.pop(name) for name in optional] == ["skipped"] * len(optional)
     assert statuses.pop("no_regression_vs_champion") == "skipped" and set(statuses.values()) == {"passed"}
     assert gate["checks"]["min_accuracy"]["threshold"] == cfg.gate.min_accuracy == 0.95  # the product's own
     assert gate["checks"]["margin_over_baseline"]["threshold"] == cfg.gate.min_margin_over_baseline
