@@ -71,10 +71,19 @@ def test_flow_runs_every_stage_and_dvc_agrees(tmp_path: Path):
     assert set(state.result().values()) == {"ran"}
 
     published = flow_run_artifacts(state.state_details.flow_run_id)
-    assert {"validation", "split-counts", "test-metrics", "export-table", "gate-checks", "mlflow-run"} <= set(
-        published
-    )
+    assert {
+        "validation",
+        "split-counts",
+        "test-metrics",
+        "robustness",
+        "export-table",
+        "gate-checks",
+        "mlflow-run",
+    } <= set(published)
     assert "| int8 |" in published["export-table"] and "min_accuracy" in published["gate-checks"]
+    assert "| onnx (onnxruntime) |" in published["export-table"] and "ONNX: ok" in published["export-table"]
+    assert "| contrast |" in published["robustness"] and "min_fgsm_accuracy" in published["gate-checks"]
+    assert (root / "reports/explain/index.html").is_file() and (root / "models/onnx/model.onnx").is_file()
     run_id = json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
     assert run_id in published["mlflow-run"]
 
