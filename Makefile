@@ -65,8 +65,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[$(TF_EXTRA),dev]'
-	@# tf-keras declares `tensorflow`; tensorflow-cpu provides the module under another name (pyproject.toml)
-	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt tf-keras==2.21.0
+	@# tfmot requires tf-keras, which requires `tensorflow`: tensorflow-cpu is that module (pyproject.toml)
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt tf-keras tensorflow-model-optimization
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
