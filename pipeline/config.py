@@ -321,11 +321,11 @@ class RobustnessConfig(Section):
 class ExplainConfig(Section):
     """The explain stage: Integrated Gradients, Grad-CAM and LIME on a few test images."""
 
-    per_class: int = Field(2, ge=0)  # correctly and wrongly classified alike, the first of each class
+    per_class: int = Field(1, ge=0)  # correctly and wrongly classified alike, the first of each class
     max_misclassified: int = Field(10, ge=0)  # every misclassified test image, up to this many
     ig_steps: int = Field(32, ge=4)  # Riemann steps from the black baseline
     lime: bool = True  # also LIME (the `lime` package): superpixels, a local linear model
-    lime_samples: int = Field(300, ge=10)
+    lime_samples: int = Field(200, ge=10)
     seed: int = 0
 
 

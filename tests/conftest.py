@@ -107,8 +107,9 @@ def small_tree(tmp_path: Path) -> Path:
 # Longest first evens out the two workers; every other file keeps its place after these.
 SLOWEST_FILES = (
     "tests/model/test_own_images.py",
-    "tests/model/test_distributed.py",
     "tests/integration/test_quiet_run.py",
+    "tests/model/test_distill.py",
+    "tests/model/test_distributed.py",
     "tests/integration/test_retraining_flow.py",
     "tests/integration/test_loop.py",
     "tests/integration/test_production_backends.py",
@@ -120,6 +121,7 @@ SLOWEST_FILES = (
     "tests/integration/test_prefect_postgres.py",
     "tests/model/test_detector_power.py",
     "tests/integration/test_no_orphans.py",
+    "tests/model/test_compress.py",
 )
 
 
