@@ -9,6 +9,7 @@ in, calibrated on the same train images), so the variants compare like for like.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,31 @@ import numpy as np
 from pipeline.compress.tf_keras_copy import to_tf_keras
 
 log = logging.getLogger(__name__)
+
+LEGACY_KERAS = "TF_USE_LEGACY_KERAS"
+
+
+def _tfmot() -> Any:
+    """tensorflow_model_optimization, imported without switching the process to Keras 2.
+
+    Its import sets TF_USE_LEGACY_KERAS=1 for the whole process: `tf.keras`,
+    when first touched after that, is tf_keras, and MLflow's Keras flavor (which
+    checks models against `tensorflow.keras.Model`) then refuses the Keras 3
+    model at register ("Unknown model type"); child processes would inherit it
+    too. So `tf.keras` is bound to Keras 3 first, and the variable is restored.
+    """
+    import tensorflow as tf
+
+    tf.keras.Model  # noqa: B018  (binds TensorFlow's lazy `tf.keras` to Keras 3 before tfmot's import)
+    before = os.environ.get(LEGACY_KERAS)
+    try:
+        import tensorflow_model_optimization
+    finally:
+        if before is None:
+            os.environ.pop(LEGACY_KERAS, None)
+        else:
+            os.environ[LEGACY_KERAS] = before
+    return tensorflow_model_optimization
 
 
 @dataclass(frozen=True)
@@ -34,7 +60,7 @@ def _annotated(model: Any) -> Any:
     Others (a Rescaling layer) stay float in training and are quantized by the
     converter from the calibration images.
     """
-    import tensorflow_model_optimization as tfmot
+    tfmot = _tfmot()
     import tf_keras
 
     registry = tfmot.quantization.keras.default_8bit.Default8BitQuantizeRegistry()
@@ -67,7 +93,7 @@ def int8_tflite(model: Any, calibration: np.ndarray) -> bytes:
 
 def quantization_aware(model: Any, data: TrainingData, epochs: int, learning_rate: float, seed: int) -> bytes:
     """Fine-tune a fake-quantized tf_keras copy for `epochs` passes; its int8 TFLite model."""
-    import tensorflow_model_optimization as tfmot
+    tfmot = _tfmot()
     import tf_keras
 
     tf_keras.utils.set_random_seed(seed)
@@ -120,7 +146,7 @@ def prune(
     stripped before conversion, so the file is a normal int8 model whose
     zeros compress (gzip) well.
     """
-    import tensorflow_model_optimization as tfmot
+    tfmot = _tfmot()
     import tf_keras
 
     tf_keras.utils.set_random_seed(seed)

@@ -11,6 +11,7 @@ converter knows), so the rest of the export has to finish without them.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,8 +19,9 @@ import keras
 import mlflow
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from pipeline import export, gate, tracking
+from pipeline import export, gate, registry, tracking
 from pipeline.artifacts import image_files, load_trained_model, read_split
 from pipeline.compress import onnx_export
 from pipeline.compress.tf_keras_copy import to_tf_keras
@@ -145,6 +147,15 @@ def test_auto_runs_qat_when_ptq_loses_too_much_and_the_gate_checks_the_qat_model
     assert not project.paths.onnx.exists()
     assert {"float32", "float16", "dynamic_range", "int8", "int8_ptq"} <= set(rows)
     assert (project.paths.savedmodel / "saved_model.pb").is_file()
+
+    # tfmot's import switches a process to Keras 2 (TF_USE_LEGACY_KERAS=1); after QAT ran in this one,
+    # `tf.keras` must still be Keras 3, or MLflow refuses the model at register ("Unknown model type").
+    assert "TF_USE_LEGACY_KERAS" not in os.environ
+    assert isinstance(model, tf.keras.Model)
+    with local_tracking():
+        tracking.configure(project.cfg.mlflow, project.paths.root)
+        with mlflow.start_run():
+            assert registry.log_and_register(model, "registered-after-qat") == "1"
 
 
 def test_the_tf_keras_copy_computes_the_same_function(trained_project: Project) -> None:
