@@ -8,11 +8,11 @@ All are scored on the whole test split; reports/export.json lists each.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ import tensorflow as tf
 from pipeline import registry, tracking
 from pipeline.artifacts import image_files, input_size, load_trained_model, read_split, write_report
 from pipeline.compress import onnx_export
+from pipeline.compress.tfmot import full_integer
 from pipeline.compress.variants import (  # tflite_predict, score_variant: also used from here
     Scoring,
     int8_variant,
@@ -112,14 +113,6 @@ def write_tf_serving_layout(savedmodel: Path, target: Path, model_name: str, ver
     return folder
 
 
-def _representative(images: np.ndarray) -> Callable[[], Iterator[list[np.ndarray]]]:
-    def generate() -> Iterator[list[np.ndarray]]:
-        for image in images:
-            yield [image[None].astype(np.float32)]
-
-    return generate
-
-
 def convert_tflite(model, calibration: np.ndarray) -> dict[str, bytes]:
     """float32, float16, dynamic-range and full-integer int8 (uint8 pixels in) TFLite models."""
     with tempfile.TemporaryDirectory() as folder:
@@ -132,9 +125,7 @@ def convert_tflite(model, calibration: np.ndarray) -> dict[str, bytes]:
             if variant == "float16":
                 converter.target_spec.supported_types = [tf.float16]
             if variant == "int8":
-                converter.representative_dataset = _representative(calibration)
-                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-                converter.inference_input_type = tf.uint8  # raw pixels 0..255 need no scaling
+                full_integer(converter, calibration)
             flat[variant] = converter.convert()
     return flat
 
@@ -158,12 +149,10 @@ def run(cfg: PipelineConfig, paths: StagePaths) -> ExportResult:
     scoring = Scoring(images, labels, keras_predicted)
     calibration_rows = train.sample(min(cfg.export.calibration_images, len(train)), random_state=0)
     calibration = load_files(image_files(calibration_rows, paths.root), size)
-    cached: list = []
 
+    @functools.cache
     def data_of():  # the train split is loaded only when QAT or pruning needs it, and once
-        if not cached:
-            cached.append(training_data(cfg, paths, names, size, calibration))
-        return cached[0]
+        return training_data(cfg, paths, names, size, calibration)
 
     export_savedmodel(model, names, size, paths.savedmodel)
     # TF Serving wants integer versions, newest highest; the registry's version is only known at

@@ -73,21 +73,29 @@ def _annotated(model: Any) -> Any:
     return tf_keras.models.clone_model(model, clone_function=annotate)
 
 
-def int8_tflite(model: Any, calibration: np.ndarray) -> bytes:
-    """A tf_keras model as full-integer int8 TFLite with uint8 pixels in (as export's PTQ variant)."""
-    import tensorflow as tf
+def full_integer(converter: Any, calibration: np.ndarray) -> Any:
+    """Set a TFLite converter to full-integer int8 with uint8 pixels in, calibrated on `calibration`.
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    The one int8 recipe: export's post-training variant and the QAT and pruned ones all use it.
+    """
+    import tensorflow as tf
 
     def representative() -> Any:
         for image in calibration:
             yield [image[None].astype(np.float32)]
 
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.uint8
-    flat: bytes = converter.convert()
+    converter.inference_input_type = tf.uint8  # raw pixels 0..255 need no scaling
+    return converter
+
+
+def int8_tflite(model: Any, calibration: np.ndarray) -> bytes:
+    """A tf_keras model as full-integer int8 TFLite (as export's PTQ variant)."""
+    import tensorflow as tf
+
+    flat: bytes = full_integer(tf.lite.TFLiteConverter.from_keras_model(model), calibration).convert()
     return flat
 
 
