@@ -190,11 +190,16 @@ def version_of_run(model_name: str, run_id: str) -> str | None:
 def log_and_register(model: Any, model_name: str) -> str:
     """Log a Keras model (with signature and input example) to the active run, register it.
 
+    The model's requirements are the versions running here, stated rather than inferred: MLflow's
+    inference loads the model again in a child process (about 6 s a registration on 2 cores) and
+    listed both tensorflow and tensorflow-cpu.
+
     Returns:
         The new version.
     """
     import keras
     import numpy as np
+    import tensorflow as tf
     from mlflow.models import infer_signature
 
     example = np.zeros((1, *model.input_shape[1:]), dtype=np.float32)
@@ -205,6 +210,12 @@ def log_and_register(model: Any, model_name: str) -> str:
             name="model",
             signature=infer_signature(example, model.predict_on_batch(example)),
             input_example=example,
+            pip_requirements=[
+                f"mlflow=={mlflow.__version__}",
+                f"tensorflow=={tf.__version__}",
+                f"keras=={keras.__version__}",
+                f"numpy=={np.__version__}",
+            ],
             registered_model_name=model_name,
         )
     finally:

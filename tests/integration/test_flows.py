@@ -32,6 +32,10 @@ def small_project(target: Path, per_class: int = 40, extra: Callable[[dict], Non
     """A git + DVC copy of the project whose source is a small digits tree next to it.
 
     `extra` edits the params after these defaults (a test's own epochs, gate or model name).
+    The parts that only add time to a flow test whose subject is elsewhere are off: the ONNX export,
+    LIME and the gate's serving smoke test (about 12 s a flow run on 2 cores). Every stage still
+    runs; `test_flow_runs_every_stage_and_dvc_agrees` turns them back on (`everything_on`), and the
+    committed params run them all in `test_quiet_run`.
     """
     source = write_tree(target.parent / f"{target.name}-images", digit_images(per_class=per_class))
 
@@ -39,9 +43,11 @@ def small_project(target: Path, per_class: int = 40, extra: Callable[[dict], Non
         params["ingest"].update({"source": "folder", "folder": {"path": str(source)}})
         params["validate"]["min_images_per_class"] = 5
         params["train"].update({"epochs": 10, "batch_size": 8, **FAST_RECIPE, "augment": NO_AUGMENT})
-        params["export"]["calibration_images"] = 20
+        params["export"].update({"calibration_images": 20, "onnx": False})
+        params["explain"]["lime"] = False
         params["gate"].update(
             {
+                "serving_smoke_test": False,
                 "min_accuracy": 0.5,
                 "min_macro_f1": 0.5,
                 "min_margin_over_baseline": -1.0,
@@ -56,6 +62,13 @@ def small_project(target: Path, per_class: int = 40, extra: Callable[[dict], Non
     return copy_project(target, edit)
 
 
+def everything_on(params: dict) -> None:
+    """small_project's `extra` that turns its skipped parts back on: every stage as the product runs it."""
+    params["export"]["onnx"] = True
+    params["explain"]["lime"] = True
+    params["gate"]["serving_smoke_test"] = True
+
+
 def flow_run_artifacts(flow_run_id) -> dict[str, str]:
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(
@@ -65,7 +78,7 @@ def flow_run_artifacts(flow_run_id) -> dict[str, str]:
 
 
 def test_flow_runs_every_stage_and_dvc_agrees(tmp_path: Path):
-    root = small_project(tmp_path / "project")
+    root = small_project(tmp_path / "project", extra=everything_on)
     state = training_flow(root=str(root), return_state=True)
     assert state.is_completed(), state.message
     assert set(state.result().values()) == {"ran"}
@@ -83,6 +96,8 @@ def test_flow_runs_every_stage_and_dvc_agrees(tmp_path: Path):
     assert "| int8 |" in published["export-table"] and "min_accuracy" in published["gate-checks"]
     assert "| onnx (onnxruntime) |" in published["export-table"] and "ONNX: ok" in published["export-table"]
     assert "| contrast |" in published["robustness"] and "min_fgsm_accuracy" in published["gate-checks"]
+    gate = json.loads((root / "reports/gate.json").read_text())
+    assert gate["checks"]["serving_smoke_test"]["status"] == "passed"
     assert (root / "reports/explain/index.html").is_file() and (root / "models/onnx/model.onnx").is_file()
     run_id = json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
     assert run_id in published["mlflow-run"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pytest
 
@@ -30,7 +32,7 @@ def project(tmp_path, make_config):
         "ingest": {"source": "folder", "folder": {"path": str(source)}},
         "validate": {"min_images_per_class": 5},
         "train": {"epochs": 15, "batch_size": 16, **FAST_RECIPE},
-        "export": {"calibration_images": 20},
+        "export": {"calibration_images": 20, "int8": "ptq", "onnx": False},  # the registry is under test
         "gate": {
             "min_accuracy": 0.8,
             "min_macro_f1": 0.8,
@@ -61,6 +63,10 @@ def test_weak_model_is_refused_and_champion_stays(project, make_config):
     assert {c.name: c.status for c in first.checks}["no_regression_vs_champion"] == "skipped"
     assert register.run(cfg, paths).alias == "champion"
     assert champion("gate-test") == "1"
+    # The versions the model needs are stated (pipeline/registry.log_and_register), one line each.
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/gate-test/1")).read_text().split()
+    assert {line.split("==")[0] for line in requirements} == {"mlflow", "tensorflow", "keras", "numpy"}
+    assert f"mlflow=={mlflow.__version__}" in requirements
 
     weak = {**base, "train": {"epochs": 1, "learning_rate": 1e-7, "batch_size": 16, **FAST_RECIPE}}
     cfg, _, verdict = train_and_register(make_config, weak)
