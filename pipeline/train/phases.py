@@ -32,6 +32,17 @@ log = logging.getLogger(__name__)
 PHASES = ("train", "head", "fine_tune")
 
 
+def warn_class_weights_dropped(weights: dict[int, float] | None) -> None:
+    """keras.distillation.Distiller drops sample weights from its loss: say so (they are not passed)."""
+    if weights is not None:
+        log.warning(
+            "train.class_weights: %d class weights are not applied while distilling "
+            "(keras.distillation.Distiller ignores sample weights); the student learns from the teacher's "
+            "soft targets and the hard labels unweighted. Set train.distill: null to train with them.",
+            len(weights),
+        )
+
+
 def class_weights(train: pd.DataFrame, names: list[str], cfg: TrainConfig) -> dict[int, float] | None:
     """Balanced class weights when asked, or (auto) when the classes are imbalanced."""
     counts = train["label"].value_counts()
@@ -151,6 +162,8 @@ def fit_phases(
     model, base = built.model, built.base
     if teacher is not None and cfg.distill is not None:
         model = distiller(teacher, model, cfg.distill)
+        warn_class_weights_dropped(weights)
+        weights = None
     first_phase = "train" if base is None else "head"
     head_done = backup / "head.weights.h5"
 

@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import ConfigError, TrainConfig, parse_config, with_overrides
-from pipeline.train.phases import class_weights
+from pipeline.train.phases import class_weights, warn_class_weights_dropped
 
 
 def frame(counts: dict[str, int]) -> pd.DataFrame:
@@ -14,6 +14,18 @@ def test_auto_class_weights_only_when_imbalanced():
     assert class_weights(frame({"a": 50, "b": 45}), names, TrainConfig()) is None
     weights = class_weights(frame({"a": 90, "b": 10}), names, TrainConfig())
     assert weights == pytest.approx({0: 100 / (2 * 90), 1: 100 / (2 * 10)})
+
+
+def test_class_weights_are_dropped_with_a_warning_while_distilling(caplog: pytest.LogCaptureFixture):
+    weights = class_weights(frame({"a": 90, "b": 10}), ["a", "b"], TrainConfig())
+    assert weights is not None
+    with caplog.at_level("WARNING", logger="pipeline.train.phases"):
+        warn_class_weights_dropped(weights)
+    assert "2 class weights are not applied while distilling" in caplog.text
+    assert "train.distill: null" in caplog.text
+    caplog.clear()
+    warn_class_weights_dropped(None)
+    assert not caplog.text
 
 
 def test_class_weights_can_be_forced_or_disabled():
