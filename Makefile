@@ -43,7 +43,7 @@ TEST_WORKERS ?= 2
 
 test: $(STAMP) ## run the test suite (installs PostgreSQL and Chromium from Debian packages first when missing)
 	infra/scripts/install-postgres.sh
-	python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
+	python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 # The team setup (mlflow/README.md, infra/README.md): settings from the environment,
 # or from the git-ignored env files next to the scripts when they exist.

@@ -101,27 +101,31 @@ def small_tree(tmp_path: Path) -> Path:
     return write_tree(tmp_path / "source", digit_images(per_class=20))
 
 
-# The slowest test files, slowest first (from `make test --durations`, 2026-12-03). pytest-xdist's
-# --dist loadfile hands out files in collection order; collected alphabetically, the longest file
-# (test_own_images, about 400 s) came near the end and ran alone while the other worker idled.
-# Longest first evens out the two workers; every other file keeps its place after these.
+# The slowest test files, slowest first (seconds in a full `make test` on 2 cores, 2026-12-03).
+# pytest-xdist's --dist loadfile hands out whole files in queue order, and the Makefile turns off its
+# default reordering by test count (--no-loadscope-reorder), which put one-test files such as the
+# 270 s quiet run last, so one worker ran it alone at the end. Longest first, every other file after
+# these in collection order, evens out the two workers.
 SLOWEST_FILES = (
-    "tests/model/test_own_images.py",
-    "tests/integration/test_quiet_run.py",
-    "tests/model/test_distill.py",
-    "tests/model/test_distributed.py",
-    "tests/integration/test_retraining_flow.py",
-    "tests/integration/test_loop.py",
-    "tests/integration/test_production_backends.py",
-    "tests/integration/test_flows.py",
-    "tests/integration/test_serving.py",
-    "tests/integration/test_gate_registry.py",
-    "tests/integration/test_serving_loop.py",
-    "tests/integration/test_tune.py",
-    "tests/integration/test_prefect_postgres.py",
-    "tests/model/test_detector_power.py",
-    "tests/integration/test_no_orphans.py",
-    "tests/model/test_compress.py",
+    "tests/model/test_own_images.py",  # 430
+    "tests/integration/test_quiet_run.py",  # 272
+    "tests/integration/test_production_backends.py",  # 174
+    "tests/integration/test_loop.py",  # 155
+    "tests/integration/test_flows.py",  # 151
+    "tests/integration/test_retraining_flow.py",  # 145
+    "tests/integration/test_tune.py",  # 141
+    "tests/model/test_distill.py",  # 138
+    "tests/model/test_distributed.py",  # 108
+    "tests/model/test_detector_power.py",  # 102
+    "tests/integration/test_prefect_postgres.py",  # 95
+    "tests/integration/test_serving.py",  # 75
+    "tests/integration/test_gate_registry.py",  # 71
+    "tests/integration/test_serving_loop.py",  # 65
+    "tests/model/test_compress.py",  # 63
+    "tests/integration/test_no_orphans.py",  # 62
+    "tests/model/test_resume.py",  # 46
+    "tests/integration/test_gate_fails_closed.py",  # 32
+    "tests/integration/test_serving_page.py",  # 20
 )
 
 

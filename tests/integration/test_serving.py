@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -211,11 +212,17 @@ def test_concurrent_requests_share_model_calls_and_the_metrics_count_the_traffic
     assert 1 <= calls < requests, f"{requests} requests ran in {calls} model calls: not batched"
     assert delta("serving_batch_size_images_count", model_version="1") == calls
     assert delta("serving_batch_size_images_sum", model_version="1") == requests
+    assert delta("serving_batch_size_requests_count", model_version="1") == calls  # one image a request
+    assert delta("serving_batch_size_requests_sum", model_version="1") == requests
+    assert delta("serving_model_call_duration_seconds_count", model_version="1") == calls
+    assert delta("serving_model_call_duration_seconds_sum", model_version="1") > 0
     assert delta("serving_images_total", model_version="1") == requests
     per_class = Counter(cls for _, cls, _ in answers)
     for name, count in per_class.items():
         assert delta("serving_predicted_class_total", model_version="1", class_name=name) == count
     assert delta("serving_request_duration_seconds_count", endpoint=endpoint) == requests + 3
+    assert delta("serving_request_duration_seconds_bucket", endpoint=endpoint, le="+Inf") == requests + 3
+    assert delta("serving_request_duration_seconds_sum", endpoint=endpoint) > 0
     assert counter(after, "serving_model_loads_total", model_version="1") == 1
     assert counter(after, "serving_requests_in_flight") == 1  # the scrape itself
 
@@ -361,7 +368,21 @@ def test_the_gate_serves_the_candidate_before_promotion_and_a_broken_one_stays_c
 
     served = {c.name: c for c in gate.run(cfg, paths).checks}["serving_smoke_test"]
     assert served.status == "passed" and served.value == 1.0, served
-    assert f"{len(project.test_files())}/{len(project.test_files())} test images" in served.detail
+    count = len(project.test_files())
+    assert f"{count}/{count} test images" in served.detail
+
+    # A candidate that loads but answers otherwise than evaluate measured (here evaluate's record of
+    # rows 0 and 1 names another class) fails too, naming the rows.
+    evaluated = paths.predictions.read_text()
+    predictions = pd.read_csv(paths.predictions, dtype=str, keep_default_na=False)
+    names = sorted(set(predictions["actual"]))
+    for row in (0, 1):
+        predictions.loc[row, "predicted"] = next(n for n in names if n != predictions.loc[row, "predicted"])
+    predictions.to_csv(paths.predictions, index=False)
+    differing = {c.name: c for c in gate.run(cfg, paths).checks}["serving_smoke_test"]
+    assert differing.status == "failed" and differing.value == pytest.approx((count - 2) / count), differing
+    assert "differing rows: [0, 1]" in differing.detail, differing
+    paths.predictions.write_text(evaluated)
 
     (paths.savedmodel / "saved_model.pb").write_bytes(b"\x00broken")
     verdict = gate.run(cfg, paths)

@@ -10,6 +10,7 @@ and read what the service counted in `GET /v1/models/{name}/monitoring`.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -43,6 +44,27 @@ class Visit:
     def upload(self, *files: Path) -> None:
         """Choose `files` in the page's file input, as a person clicking the drop zone does."""
         self.page.set_input_files("#files", list(files))
+
+    def drop(self, *files: Path) -> None:
+        """Drop `files` on the drop zone, as a person dragging them from a file manager does."""
+        payload = [
+            {"name": f.name, "b64": base64.b64encode(f.read_bytes()).decode(), "type": "image/png"}
+            for f in files
+        ]
+        transfer = self.page.evaluate_handle(
+            """(files) => {
+                const transfer = new DataTransfer();
+                for (const file of files) {
+                    const bytes = Uint8Array.from(atob(file.b64), (c) => c.charCodeAt(0));
+                    transfer.items.add(new File([bytes], file.name, {type: file.type}));
+                }
+                return transfer;
+            }""",
+            payload,
+        )
+        self.page.dispatch_event("#drop", "dragover", {"dataTransfer": transfer})
+        expect(self.page.locator("#drop")).to_have_class(re.compile(r"\bover\b"))  # the zone lights up
+        self.page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +165,14 @@ def test_an_uploaded_image_shows_the_evaluate_stages_class_its_bars_and_the_mode
     assert visit.errors == []
 
 
-def test_two_images_uploaded_at_once_show_two_results_in_their_order(project, service, visit):
+@pytest.mark.parametrize("how", ["chosen", "dropped"])
+def test_two_images_uploaded_at_once_show_two_results_in_their_order(project, service, visit, how):
     files = project.test_files()
     expected_classes, _ = evaluate_predictions(project)
     # Two images of different classes, so a swap of the results would show.
     second = next(i for i, name in enumerate(expected_classes) if name != expected_classes[0])
 
-    visit.upload(files[0], files[second])
+    (visit.upload if how == "chosen" else visit.drop)(files[0], files[second])
 
     results = visit.page.locator(".result")
     expect(results).to_have_count(2, timeout=TIMEOUT_MS)

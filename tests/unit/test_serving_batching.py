@@ -33,6 +33,17 @@ def test_concurrent_requests_share_calls_and_each_gets_its_own_rows():
     assert sum(calls) == 32 and len(calls) < 32 and max(calls) <= 8
 
 
+def test_a_timeout_of_zero_runs_every_request_in_its_own_call():
+    calls: list[int] = []
+    batcher = Batcher(echo(calls), max_batch_size=8, timeout_ms=0)
+    assert not batcher.enabled
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda n: batcher.run([b"x" * n, b"y"]), range(1, 17)))
+    batcher.close()
+    assert [[int(v) for v in a["length"]] for a in answers] == [[n, 1] for n in range(1, 17)]
+    assert calls == [2] * 16  # the same concurrency that shares calls above, one call per request
+
+
 def test_a_lone_request_does_not_wait_for_the_timeout():
     batcher = Batcher(echo([]), max_batch_size=8, timeout_ms=2000, arriving=lambda: 0)
     started = time.perf_counter()
