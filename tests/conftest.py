@@ -35,6 +35,15 @@ NO_AUGMENT: dict[str, Any] = {
     "channel_shuffle": False,
 }
 
+# The parts of a flow run that only add time where the test's subject is elsewhere: the ONNX export,
+# LIME and the gate's serving smoke test (about 12 s a flow run on 2 cores). Each has its own tests,
+# and the committed params run them all in tests/integration/test_quiet_run.py.
+OPTIONAL_PARTS_OFF: dict[str, Any] = {
+    "export": {"onnx": False},
+    "explain": {"lime": False},
+    "gate": {"serving_smoke_test": False},
+}
+
 
 def digit_images(per_class: int, classes: int = 3, scale: int = 4) -> dict[str, list[np.ndarray]]:
     """Distinct real digits from scikit-learn, upscaled, grouped by class name."""

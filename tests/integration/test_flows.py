@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from collections.abc import Callable
@@ -17,7 +18,17 @@ from flows.deployments import build_deployments
 from flows.training import training_flow
 from pipeline.config import load_config
 from pipeline.errors import DataValidationError
-from tests.conftest import FAST_RECIPE, NO_AUGMENT, REPO_ROOT, copy_project, digit_images, sh, write_tree
+from tests.conftest import (
+    FAST_RECIPE,
+    NO_AUGMENT,
+    OPTIONAL_PARTS_OFF,
+    REPO_ROOT,
+    copy_project,
+    digit_images,
+    merge,
+    sh,
+    write_tree,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -28,14 +39,17 @@ def prefect_server():
         yield
 
 
-def small_project(target: Path, per_class: int = 40, extra: Callable[[dict], None] | None = None) -> Path:
+def small_project(
+    target: Path,
+    per_class: int = 40,
+    extra: Callable[[dict], None] | None = None,
+    everything: bool = False,
+) -> Path:
     """A git + DVC copy of the project whose source is a small digits tree next to it.
 
     `extra` edits the params after these defaults (a test's own epochs, gate or model name).
-    The parts that only add time to a flow test whose subject is elsewhere are off: the ONNX export,
-    LIME and the gate's serving smoke test (about 12 s a flow run on 2 cores). Every stage still
-    runs; `test_flow_runs_every_stage_and_dvc_agrees` turns them back on (`everything_on`), and the
-    committed params run them all in `test_quiet_run`.
+    Every stage runs, without the optional parts (tests/conftest.OPTIONAL_PARTS_OFF) unless
+    `everything`.
     """
     source = write_tree(target.parent / f"{target.name}-images", digit_images(per_class=per_class))
 
@@ -43,11 +57,9 @@ def small_project(target: Path, per_class: int = 40, extra: Callable[[dict], Non
         params["ingest"].update({"source": "folder", "folder": {"path": str(source)}})
         params["validate"]["min_images_per_class"] = 5
         params["train"].update({"epochs": 10, "batch_size": 8, **FAST_RECIPE, "augment": NO_AUGMENT})
-        params["export"].update({"calibration_images": 20, "onnx": False})
-        params["explain"]["lime"] = False
+        params["export"]["calibration_images"] = 20
         params["gate"].update(
             {
-                "serving_smoke_test": False,
                 "min_accuracy": 0.5,
                 "min_macro_f1": 0.5,
                 "min_margin_over_baseline": -1.0,
@@ -55,18 +67,13 @@ def small_project(target: Path, per_class: int = 40, extra: Callable[[dict], Non
             }
         )
         params["mlflow"]["registered_model"] = "flow-test"
+        if not everything:
+            merge(params, copy.deepcopy(OPTIONAL_PARTS_OFF))
         if extra is not None:
             extra(params)
 
     target.mkdir()
     return copy_project(target, edit)
-
-
-def everything_on(params: dict) -> None:
-    """small_project's `extra` that turns its skipped parts back on: every stage as the product runs it."""
-    params["export"]["onnx"] = True
-    params["explain"]["lime"] = True
-    params["gate"]["serving_smoke_test"] = True
 
 
 def flow_run_artifacts(flow_run_id) -> dict[str, str]:
@@ -78,7 +85,7 @@ def flow_run_artifacts(flow_run_id) -> dict[str, str]:
 
 
 def test_flow_runs_every_stage_and_dvc_agrees(tmp_path: Path):
-    root = small_project(tmp_path / "project", extra=everything_on)
+    root = small_project(tmp_path / "project", everything=True)
     state = training_flow(root=str(root), return_state=True)
     assert state.is_completed(), state.message
     assert set(state.result().values()) == {"ran"}

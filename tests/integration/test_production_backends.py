@@ -10,6 +10,7 @@ batch from the S3 landing area, and the tracking server stopped.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -25,7 +26,16 @@ import pytest
 import yaml
 
 from pipeline.ingest.sources import encode_png
-from tests.conftest import FAST_RECIPE, NO_AUGMENT, copy_project, digit_images, sh, tree_digest
+from tests.conftest import (
+    FAST_RECIPE,
+    NO_AUGMENT,
+    OPTIONAL_PARTS_OFF,
+    copy_project,
+    digit_images,
+    merge,
+    sh,
+    tree_digest,
+)
 from tests.s3_faults import FaultyS3Proxy
 from tests.servers import mlflow_server, moto_s3, postgres
 
@@ -68,14 +78,12 @@ def team(backends, tmp_path_factory):
         params["ingest"]["s3"]["uri"] = f"s3://{BUCKET}/images"
         params["validate"]["min_images_per_class"] = 5
         params["train"].update({"epochs": 8, "batch_size": 8, **FAST_RECIPE, "augment": NO_AUGMENT})
-        # The backends are under test, not the ONNX export, LIME or the serving smoke test (their
-        # own tests cover them): off, as in tests/integration/test_flows.small_project.
-        params["export"].update({"calibration_images": 20, "onnx": False})
-        params["explain"]["lime"] = False
+        params["export"]["calibration_images"] = 20
         params["gate"].update(
             {"min_accuracy": 0.5, "min_macro_f1": 0.5, "min_margin_over_baseline": -1.0}
-            | {"max_int8_accuracy_drop": 0.3, "serving_smoke_test": False}
+            | {"max_int8_accuracy_drop": 0.3}
         )
+        merge(params, copy.deepcopy(OPTIONAL_PARTS_OFF))  # the backends are under test
         params["mlflow"].update({"registered_model": MODEL, "connect_timeout_seconds": 5})
         params["storage"]["max_attempts"] = 3
 
